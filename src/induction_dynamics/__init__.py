@@ -1,0 +1,3 @@
+"""induction-dynamics: watch induction heads form during training."""
+
+__version__ = "0.1.0"
