@@ -89,3 +89,210 @@ def repeated_sequence_loss(model, tokens: torch.Tensor, seq_len: int) -> tuple[f
     first = loss[:, : seq_len - 1].mean().item()
     second = loss[:, seq_len: 2 * seq_len - 1].mean().item()
     return first, second
+
+
+# ---------------------------------------------------------------------------------------
+# Attention-pattern scores beyond induction (Olsson et al. 2022, appendix "Model analysis")
+# ---------------------------------------------------------------------------------------
+
+def _attention_patterns(model, tokens: torch.Tensor) -> torch.Tensor:
+    """(n_layer, B, n_head, T, T) attention patterns of every head on ``tokens``."""
+    _, cache = HookManager(model).run_with_cache(tokens, names_filter="attn.hook_pattern")
+    return cache.stack("attn.hook_pattern")
+
+
+def _masked_attention_score(patterns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over queries (that have at least one target) of the attention on ``mask``'s keys.
+
+    patterns (n_layer, B, nh, T, T); mask (B, T, T) bool, mask[b, i, j] = key j is a target
+    of query i. Returns (n_layer, n_head): sum_j A[i, j] over targets, averaged over every
+    (b, i) with a target. A head that puts all its attention on the targets scores 1.0.
+    """
+    m = mask.to(patterns.dtype)  # (B, T, T)
+    has_target = mask.any(-1)  # (B, T)
+    if not has_target.any():
+        raise ValueError("no query position has a target key: is the probe repeated?")
+    on_target = (patterns * m[None, :, None]).sum(-1)  # (n_layer, B, nh, T)
+    on_target = on_target * has_target[None, :, None].to(patterns.dtype)
+    return on_target.sum((1, 3)) / has_target.sum()
+
+
+def _earlier_same_token(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, T, T) bool: same[b, i, j] = j < i and tokens[b, j] == tokens[b, i]."""
+    same = tokens[:, :, None] == tokens[:, None, :]  # (B, T, T)
+    T = tokens.shape[1]
+    strictly_earlier = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril(-1)
+    return same & strictly_earlier
+
+
+@torch.no_grad()
+def prefix_matching_scores(model, tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """(n_layer, n_head) prefix-matching score (Olsson et al. 2022, appendix).
+
+    Probe: ``seq_len`` (25 in the paper) distinct random tokens repeated 4 times
+    (``repeated_random_tokens(allowed, 25, batch, n_repeats=4)``). For every query token
+    that occurred before, the score is the attention it pays to the tokens that *followed*
+    its earlier occurrences (all of them, summed), averaged over those queries. A perfect
+    prefix-matching head (the attention half of an induction head) scores 1.0; a head that
+    attends uniformly scores about (copies seen) / position.
+    """
+    if tokens.shape[1] < 2 * seq_len:
+        raise ValueError(f"prefix-matching probe must repeat its {seq_len} tokens (got length {tokens.shape[1]})")
+    earlier = _earlier_same_token(tokens)  # (B, T, T): key j is an earlier occurrence of query i
+    # key j+1 follows an earlier occurrence j; j+1 <= i always holds because j < i
+    targets = torch.zeros_like(earlier)
+    targets[:, :, 1:] = earlier[:, :, :-1]
+    return _masked_attention_score(_attention_patterns(model, tokens), targets)
+
+
+@torch.no_grad()
+def previous_token_scores(model, text_tokens: torch.Tensor) -> torch.Tensor:
+    """(n_layer, n_head) previous-token score: mean attention from position i to i-1.
+
+    Measured on real text (Olsson et al. 2022 use the training distribution), averaged over
+    every query position i >= 1. A perfect previous-token head scores 1.0.
+    """
+    patterns = _attention_patterns(model, text_tokens)  # (L, B, nh, T, T)
+    stripe = patterns.diagonal(offset=-1, dim1=-2, dim2=-1)  # (L, B, nh, T-1): A[i, i-1]
+    return stripe.mean((1, 3))
+
+
+@torch.no_grad()
+def duplicate_token_scores(model, tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """(n_layer, n_head) duplicate-token score: attention to earlier copies of the same token.
+
+    TransformerLens / Wang et al. (2022) convention on the repeated probe ``[x, x]``: for
+    every query that occurred before (second-copy positions), the attention it pays to its
+    earlier occurrences (summed), averaged over those queries. ``seq_len`` is the half
+    length; only queries from position ``seq_len`` on are counted. A perfect
+    duplicate-token head scores 1.0.
+    """
+    targets = _earlier_same_token(tokens)
+    targets[:, :seq_len] = False  # queries of the first copy: no earlier occurrence by design
+    return _masked_attention_score(_attention_patterns(model, tokens), targets)
+
+
+# ---------------------------------------------------------------------------------------
+# Copying (OV circuit): empirical direct-logit effect and eigenvalue score
+# ---------------------------------------------------------------------------------------
+
+def head_weights(model, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head W_V (nh, C, hs) and W_O (nh, hs, C) of block ``layer`` (row-vector convention).
+
+    nanoGPT packs q, k, v in ``c_attn`` (3C, C) and heads side by side; ``v_h = x @ W_V[h]``
+    and the head's contribution to the residual stream is ``z_h @ W_O[h]``.
+    """
+    attn = model.transformer.h[layer].attn
+    C, nh = attn.n_embd, attn.n_head
+    hs = C // nh
+    w_v = attn.c_attn.weight[2 * C:3 * C].T.reshape(C, nh, hs).permute(1, 0, 2)  # (nh, C, hs)
+    w_o = attn.c_proj.weight.T.reshape(nh, hs, C)  # (nh, hs, C)
+    return w_v, w_o
+
+
+@torch.no_grad()
+def ov_copying_scores(model) -> torch.Tensor:
+    """(n_layer, n_head) OV-circuit eigenvalue copying score (Elhage et al. 2021; Olsson et al. 2022).
+
+    For each head the full OV circuit ``W_E diag(g_1) W_V W_O diag(g_f) W_U^T`` (vocab x
+    vocab: token attended to -> logits it writes) has eigenvalues l; the score is
+    ``sum(l) / sum(|l|)``. Positive eigenvalues mean the head raises the logit of the token
+    it attends to: a pure copying head scores 1.0, an anti-copying head -1.0. Layer-norm
+    gains g_1 (the block's ln_1) and g_f (ln_f) are folded in; the normalisation itself (a
+    positive scale, plus centering) is ignored, as in the attention-only framework. The
+    vocab x vocab matrix has the same non-zero eigenvalues as the small (hs x hs) product
+    ``W_O diag(g_f) W_U^T W_E diag(g_1) W_V``, which is what is diagonalised.
+    """
+    W_E = model.transformer.wte.weight  # (V, C)
+    W_U = model.lm_head.weight  # (V, C)
+    g_f = model.transformer.ln_f.weight  # (C,)
+    scores = []
+    for layer, block in enumerate(model.transformer.h):
+        w_v, w_o = head_weights(model, layer)
+        g_1 = block.ln_1.weight
+        EU = (W_U * g_f).T @ W_E  # (C, C): W_U^T W_E with ln_f gain folded in
+        small = w_o @ EU @ (g_1[:, None] * w_v)  # (nh, hs, hs)
+        lam = torch.linalg.eigvals(small.double())  # (nh, hs) complex
+        scores.append((lam.sum(-1).real / lam.abs().sum(-1).clamp_min(1e-30)).float())
+    return torch.stack(scores)
+
+
+@torch.no_grad()
+def copying_scores(model, tokens: torch.Tensor) -> torch.Tensor:
+    """(n_layer, n_head) empirical copying score from each head's direct logit effect.
+
+    Olsson et al. (2022, appendix) call a head *copying* when its direct effect on the
+    logits raises the logits of the tokens it attends to. Per head and query position i:
+    the head's output ``z_h @ W_O[h]`` is sent through the final layer norm (frozen: the
+    model's own scale at i, as in direct logit attribution) and the unembedding, giving the
+    logit change d_i (vocab,), centred over the vocabulary. The score at i is the
+    attention-weighted raise of the attended tokens ``sum_j A[i, j] d_i[tokens[j]]``
+    divided by ``max_v |d_i[v]|``; the head's score is the mean over batch and positions.
+    Range [-1, 1]: 1.0 for a perfect copying head (every attended token gets the largest
+    raise), -1.0 for a perfect anti-copying (copy-suppression) head, about 0 for a head
+    whose output is unrelated to what it attends to.
+    """
+    names = ["attn.hook_z", "attn.hook_pattern", f"transformer.h.{model.config.n_layer - 1}.hook_resid_post"]
+    _, cache = HookManager(model).run_with_cache(tokens, names_filter=names)
+    zs = cache.stack("attn.hook_z")  # (L, B, T, nh, hs)
+    patterns = cache.stack("attn.hook_pattern")  # (L, B, nh, T, T)
+    resid = cache[names[-1]]  # (B, T, C)
+    scale = (resid.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()  # (B, T, 1) ln_f's scale
+    ln_f = model.transformer.ln_f.weight  # (C,)
+    W_U = model.lm_head.weight  # (V, C)
+    B, T = tokens.shape
+    attended = tokens[:, None, :].expand(B, T, T)  # attended[b, i, j] = tokens[b, j]
+    scores = []
+    for layer in range(zs.shape[0]):
+        _, w_o = head_weights(model, layer)
+        out = torch.einsum("bthd,hdc->bhtc", zs[layer], w_o)  # (B, nh, T, C) head outputs
+        out = (out - out.mean(-1, keepdim=True)) / scale[:, None]  # through frozen ln_f
+        d = (out * ln_f) @ W_U.T  # (B, nh, T, V) direct logit effect
+        d = d - d.mean(-1, keepdim=True)
+        raised = d.gather(-1, attended[:, None].expand(B, d.shape[1], T, T))  # (B, nh, T, T)
+        r = (patterns[layer] * raised).sum(-1) / d.abs().amax(-1).clamp_min(1e-12)  # (B, nh, T)
+        scores.append(r.mean((0, 2)))
+    return torch.stack(scores)
+
+
+# ---------------------------------------------------------------------------------------
+# Loss-based measures: in-context learning score and per-token losses
+# ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def per_token_losses(model, tokens: torch.Tensor) -> torch.Tensor:
+    """(B, T-1) per-token loss; entry t is the loss of predicting tokens[:, t+1] from tokens[:, :t+1].
+
+    Olsson et al. (2022) compare these vectors across checkpoints (PCA of per-token losses
+    on a fixed set of examples) to see the phase change as a turn in the trajectory.
+    """
+    logits, _ = model(tokens)
+    return per_token_loss(logits, tokens)
+
+
+def icl_positions(block_size: int) -> tuple[int, int]:
+    """(early, late) indices into the per-token loss vector for the ICL score.
+
+    Olsson et al. (2022) use token 500 minus token 50 in a context of 8192; here the late
+    position is the last one a block can predict (``block_size - 2``) and the early one a
+    tenth of it (the paper's 50:500 ratio), at least 1.
+    """
+    if block_size < 4:
+        raise ValueError(f"block_size {block_size} too small for an in-context-learning score")
+    late = block_size - 2
+    return max(1, round(late / 10)), late
+
+
+@torch.no_grad()
+def icl_score(model, tokens: torch.Tensor, early: int, late: int) -> float:
+    """In-context-learning score (Olsson et al. 2022): loss at ``late`` minus loss at ``early``.
+
+    Positions index the per-token loss vector (``per_token_losses``), averaged over the
+    batch of real-text ``tokens``. Negative = the model predicts better later in the
+    context, i.e. it uses the context; 0 = no in-context learning. No fixed perfect value:
+    it is bounded below by minus the early loss.
+    """
+    if not 0 <= early < late < tokens.shape[1] - 1:
+        raise ValueError(f"need 0 <= early < late < {tokens.shape[1] - 1}, got early={early}, late={late}")
+    loss = per_token_losses(model, tokens)
+    return (loss[:, late].mean() - loss[:, early].mean()).item()
