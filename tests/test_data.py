@@ -149,11 +149,12 @@ def test_cache_rebuilds_when_corrupt_or_source_changes(tmp_path):
 
 def test_text_file_goes_through_the_character_pipeline(tmp_path):
     f = tmp_path / "tiny.txt"
-    body = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+    body = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, sp\u00e9ak \U0001f3ad.\n"
     f.write_text(body * 20, encoding="utf-8")
     d = load_data("text_file", path=f, cache_dir=tmp_path / "c")
-    assert d.vocab == sorted(set(body))
+    assert d.vocab == sorted(set(body))  # non-ASCII characters (even outside the BMP) included
     assert d.decode(torch.cat([d.train, d.val])) == body * 20
+    assert torch.equal(d.encode(body * 20), torch.cat([d.train, d.val]))
 
 
 @pytest.mark.parametrize("case", ["missing", "directory", "empty", "latin1", "no_path"])

@@ -24,6 +24,7 @@ import re
 import string
 import tempfile
 import unicodedata
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,9 +179,12 @@ def convert_play(markdown: str) -> list[str]:
             continue                   # a second heading line ("SPOKEN BY PROSPERO") adds nothing
         if current is None:            # text that is nobody's speech
             continue
-        line = INLINE_DIRECTION_RE.sub("", line)
-        line = EMPHASIS_RE.sub("", ESCAPE_RE.sub(r"\1", line))
-        line = line.replace("\u2014", "--").strip()  # Edward III's em dash -> the corpus's "--"
+        if "[" in line:                # "he'll __\[ ]_": a direction inside a line
+            line = INLINE_DIRECTION_RE.sub("", line)
+        if "\\" in line or "_" in line or "*" in line:
+            line = EMPHASIS_RE.sub("", ESCAPE_RE.sub(r"\1", line)).strip()
+        if "\u2014" in line:           # Edward III's em dash -> the "--" of the other plays
+            line = line.replace("\u2014", "--")
         if line:
             current.append(line)
     return ["\n".join(s) for s in speeches if len(s) > 1]  # a speaker with no words is dropped
@@ -292,8 +296,10 @@ def _tokenize(text: str, val_frac: float) -> CharData:
     vocab = sorted(set(text))
     if len(vocab) > np.iinfo(np.uint16).max:
         raise DataError(f"the text has {len(vocab)} distinct characters; uint16 token files hold at most 65535")
-    stoi = {ch: i for i, ch in enumerate(vocab)}
-    tokens = torch.from_numpy(np.fromiter((stoi[c] for c in text), dtype=np.int64, count=len(text)))
+    # vocab is sorted by code point, so a character's id is its rank among the vocab's code points
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)          # (N,)
+    tokens = np.searchsorted(np.array([ord(c) for c in vocab], dtype=np.uint32), codes)
+    tokens = torch.from_numpy(tokens.astype(np.int64))
     return _from_tokens(tokens, vocab, val_frac)
 
 
@@ -308,7 +314,6 @@ def _cached(name: str, key: str, source_hash: str, get_text, val_frac: float,
         try:
             _write_cache(folder, data, text, source_hash, val_frac, name)
         except OSError as e:  # a read-only cache is no reason to stop: we have the data
-            import warnings
             warnings.warn(f"could not write the data cache in {folder}: {e}", stacklevel=3)
     return data
 
@@ -424,5 +429,8 @@ class BatchSampler:
                 "batches_drawn": self.batches_drawn}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"].clone())
-        self.batches_drawn = int(state["batches_drawn"])
+        g = state.get("generator") if isinstance(state, dict) else None
+        if not isinstance(g, torch.Tensor) or g.dtype != torch.uint8:
+            raise DataError("not a BatchSampler state: expected a dict with a uint8 'generator' tensor")
+        self.generator.set_state(g.clone())
+        self.batches_drawn = int(state.get("batches_drawn", 0))
