@@ -43,7 +43,7 @@ class DataError(ValueError):
 
 # --------------------------------------------------------------------------- vocabulary
 
-@dataclass
+@dataclass(eq=False)  # tensors have no single truth value: compare fields yourself
 class CharData:
     train: torch.Tensor   # (N,) int64 token ids
     val: torch.Tensor     # (M,) int64 token ids
