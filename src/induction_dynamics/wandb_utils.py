@@ -1,0 +1,185 @@
+"""Weights & Biases, wrapped so that it can never stop training or analysis.
+
+    wb = WandbLogger(mode="offline", project="induction-dynamics", group="default",
+                     name="seed0", job_type="train", config=cfg_dict, dir=run_dir)
+    wb.log({"train/loss": 2.1}, step=100)     # every record carries "iter": 100
+    wb.finish()
+
+- ``mode``: ``offline`` (default in the configs: no account, no network), ``online`` or
+  ``disabled``. All files go under ``<dir>/wandb/`` (the run directory).
+- Every key is plotted against the step metric (``iter``, the training iteration) through
+  ``define_metric("*", step_metric="iter")``, so runs whose logging cadences differ
+  (train/, val/, probe/, analysis/) still line up on one x-axis.
+- ``online`` that cannot reach the server (no network, no API key) warns once and falls
+  back to ``offline``: a quick HTTP check (5 s) catches a missing network, and
+  ``Settings(init_timeout=10)`` (+ W&B's own 10 s grace) bounds a server that answers but
+  cannot start the run. The offline run can be uploaded later with ``wandb sync``.
+- Any exception inside W&B is caught and warned about once per method; ``run`` is None
+  when W&B is disabled or could not start at all.
+
+``import wandb`` happens in this module only (it is slow to import and optional at run time).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MODES = ("online", "offline", "disabled")
+INIT_TIMEOUT_S = 10.0  # W&B adds a ~10 s grace period on top of this: ~20 s worst case
+REACH_TIMEOUT_S = 5.0  # the quick HTTP check that skips that wait when the server cannot answer
+
+
+def _server_reachable(base_url: str, timeout: float = REACH_TIMEOUT_S) -> tuple[bool, str]:
+    """Does the W&B server answer HTTP at all within ``timeout``? (any status code counts).
+
+    Catches the common offline cases in seconds (no DNS, connection refused, a firewall that
+    drops packets, a server that accepts but never answers) instead of waiting for
+    wandb.init's timeout. Runs in a daemon thread because a hanging DNS resolver ignores
+    socket timeouts. urllib honours HTTP(S)_PROXY like wandb does.
+    """
+    result: list[tuple[bool, str]] = []
+
+    def probe():
+        try:
+            urllib.request.urlopen(urllib.request.Request(base_url, method="HEAD"), timeout=timeout).close()
+            result.append((True, ""))
+        except urllib.error.HTTPError:  # the server answered (401, 404, ...): it is there
+            result.append((True, ""))
+        except Exception as e:  # URLError, timeout, ValueError for a malformed URL
+            result.append((False, f"{base_url}: {getattr(e, 'reason', e)}"))
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 1.0)
+    return result[0] if result else (False, f"{base_url}: no answer within {timeout:.0f} s")
+
+
+class WandbLogger:
+    """A W&B run that never raises (see module docstring)."""
+
+    def __init__(self, *, mode: str, project: str, group: str | None, name: str, job_type: str,
+                 config: dict, dir: str | Path, step_metric: str = "iter"):
+        self.run = None
+        self.mode = "disabled"  # the mode actually in use, after any fallback
+        self.step_metric = step_metric
+        self.dir = Path(dir)
+        self._warned: set[str] = set()
+        if mode == "disabled":
+            return
+        if mode not in MODES:
+            self._warn("mode", f"W&B: unknown wandb.mode {mode!r} (expected one of {MODES}); W&B disabled")
+            return
+        try:
+            import wandb
+        except Exception as e:  # not installed or broken install: train without it
+            self._warn("import", f"W&B: cannot import wandb ({e}); W&B disabled")
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        kwargs = dict(project=project, group=group, name=name, job_type=job_type,
+                      config=config, dir=str(self.dir))
+        if mode == "online":
+            self.run = self._init_online(wandb, kwargs)
+            if self.run is not None:
+                self.mode = "online"
+        if self.run is None:
+            try:
+                self.run = wandb.init(mode="offline", **kwargs, settings=wandb.Settings(reinit="create_new"))
+                self.mode = "offline"
+            except Exception as e:
+                self._warn("init", f"W&B: could not start an offline run ({_one_line(e)}); W&B disabled")
+                return
+        try:
+            self.run.define_metric(step_metric)
+            self.run.define_metric("*", step_metric=step_metric)
+        except Exception as e:
+            self._warn("define_metric", f"W&B: define_metric failed ({_one_line(e)})")
+
+    def _init_online(self, wandb, kwargs):
+        """An online run, or None (after one warning) when the server cannot be reached."""
+        try:
+            base_url = wandb.setup().settings.base_url  # env (WANDB_BASE_URL) and settings files applied
+        except Exception:
+            base_url = "https://api.wandb.ai"
+        ok, why = _server_reachable(base_url)
+        if not ok:
+            self._warn("online", f"W&B: cannot reach {why}; logging offline instead "
+                                 f"(upload later with `wandb sync {self.dir / 'wandb'}`)")
+            return None
+        try:
+            settings = wandb.Settings(init_timeout=INIT_TIMEOUT_S, reinit="create_new")
+            return wandb.init(mode="online", **kwargs, settings=settings)
+        except Exception as e:  # UsageError (no API key), CommError (timeout), ...
+            self._warn("online", f"W&B: online run failed to start ({_one_line(e)}); logging offline "
+                                 f"instead (upload later with `wandb sync {self.dir / 'wandb'}`)")
+            return None
+
+    def _warn(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message)
+
+    def log(self, metrics: dict, step: int) -> None:
+        """Log ``metrics`` with ``{step_metric: step}`` in the same record."""
+        if self.run is None:
+            return
+        try:
+            self.run.log({**metrics, self.step_metric: step})
+        except Exception as e:
+            self._warn("log", f"W&B: log failed ({_one_line(e)}); training goes on")
+
+    def summary(self, values: dict) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.summary.update(values)
+        except Exception as e:
+            self._warn("summary", f"W&B: summary update failed ({_one_line(e)})")
+
+    def log_image(self, key: str, path: str | Path, step: int | None = None) -> None:
+        if self.run is None:
+            return
+        try:
+            import wandb
+            record = {key: wandb.Image(str(path))}
+            if step is not None:
+                record[self.step_metric] = step
+            self.run.log(record)
+        except Exception as e:
+            self._warn("log_image", f"W&B: log_image failed ({_one_line(e)})")
+
+    def log_table(self, key: str, df) -> None:
+        """Log a pandas DataFrame as a W&B Table."""
+        if self.run is None:
+            return
+        try:
+            import wandb
+            self.run.log({key: wandb.Table(dataframe=df)})
+        except Exception as e:
+            self._warn("log_table", f"W&B: log_table failed ({_one_line(e)})")
+
+    def finish(self) -> None:
+        if self.run is None:
+            return
+        run, self.run = self.run, None
+        try:
+            run.finish()
+        except Exception as e:
+            self._warn("finish", f"W&B: finish failed ({_one_line(e)})")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.finish()
+        return False
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
