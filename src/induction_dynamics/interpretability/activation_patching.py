@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from induction_dynamics.interpretability.utils import HookManager, layer_of, normalize_name
 
@@ -85,16 +86,19 @@ def logit_diff(logits: torch.Tensor, answer: torch.Tensor, corrupted_answer: tor
     return (last[:, idx, answer] - last[:, idx, corrupted_answer]).mean(-1)
 
 
+def _answers_from_logits(clean_last: torch.Tensor, corr_last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    answer = clean_last.argmax(-1)
+    top2 = corr_last.topk(2, dim=-1).indices  # (B, 2)
+    return answer, torch.where(top2[:, 0] == answer, top2[:, 1], top2[:, 0])
+
+
 @torch.no_grad()
 def default_answers(model, clean: torch.Tensor, corrupted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """answer = the clean run's top prediction at the last position, corrupted_answer = the
     corrupted run's (its second choice where both agree, so the difference is never void)."""
-    clean_last = model(clean)[0][:, -1]  # (B, V)
-    corr_last = model(corrupted)[0][:, -1]
-    answer = clean_last.argmax(-1)
-    top2 = corr_last.topk(2, dim=-1).indices  # (B, 2)
-    corrupted_answer = torch.where(top2[:, 0] == answer, top2[:, 1], top2[:, 0])
-    return answer, corrupted_answer
+    B = clean.shape[0]
+    last = model(torch.cat([clean, corrupted]))[0][:, -1]  # (2B, V)
+    return _answers_from_logits(last[:B], last[B:])
 
 
 # ---------------------------------------------------------------------------------------
@@ -141,20 +145,8 @@ def _mask(components: list[Component], shape: torch.Size, device) -> torch.Tenso
     return mask.unsqueeze(1)
 
 
-def _forward_from(model, x: torch.Tensor, start: int) -> torch.Tensor:
-    """Logits at the last position, (N, 1, V), running blocks ``start..`` on resid_pre ``x``.
-
-    The tail of ``GPT.forward`` (hooks fire as usual); only the last position is unembedded
-    because the metric reads nothing else.
-    """
-    for block in model.transformer.h[start:]:
-        x = block(x)
-    x = model.transformer.hook_ln_final(model.transformer.ln_f(x))
-    return model.lm_head(x[:, -1:])
-
-
-def _validate(model, components: list[Component]) -> list[Component]:
-    points = HookManager(model).hook_points
+def _validate(hm: HookManager, components: list[Component]) -> list[Component]:
+    points = hm.hook_points
     out = []
     for comp in components:
         name = normalize_name(comp.hook)
@@ -168,69 +160,177 @@ def _validate(model, components: list[Component]) -> list[Component]:
     return out
 
 
+# The fast path. The residual stream is a sum, so patching a residual point, a block's
+# attention/MLP output or a head's z is exactly "change the residual stream at one point
+# and run the rest of the model from there". ``_entry`` says where that point is.
+_STREAM = {"pre": "hook_resid_pre", "mid": "hook_resid_mid", "post": "hook_resid_post"}
+
+
+def _entry(model, name: str) -> tuple[int, str, str] | None:
+    """(layer, stage, kind): the residual point a patch of ``name`` changes; None = use hooks.
+
+    stage "pre"/"mid"/"post" = before the block / after its attention / after the block;
+    kind "replace" (the hook *is* that residual point) or "add" (a term added to it).
+    """
+    layer = layer_of(name)
+    if layer is None:
+        return None
+    short = name.split(f"h.{layer}.", 1)[1]
+    after_attn = "post" if model.config.attn_only else "mid"
+    for stage, hook in _STREAM.items():
+        if short == hook:
+            return layer, stage, "replace"
+    if short in ("hook_attn_out", "attn.hook_z"):
+        return layer, after_attn, "add"
+    if short == "hook_mlp_out":
+        return layer, "post", "add"
+    return None
+
+
+def _stream_name(layer: int, stage: str) -> str:
+    return f"transformer.h.{layer}.{_STREAM[stage]}"
+
+
+def _last_query_block(block, x: torch.Tensor) -> torch.Tensor:
+    """Block.forward for the last query position only: (N, T, C) -> (N, 1, C).
+
+    The metric reads only the last position, and after the last attention layer nothing
+    else is needed: keys and values come from every position, the rest from the last.
+    """
+    attn = block.attn
+    N, T, C = x.shape
+    nh, hs = attn.n_head, C // attn.n_head
+    h = block.ln_1(x)
+    w, b = attn.c_attn.weight, attn.c_attn.bias
+    q = F.linear(h[:, -1:], w[:C], None if b is None else b[:C]).view(N, 1, nh, hs).transpose(1, 2)
+    kv = F.linear(h, w[C:], None if b is None else b[C:])  # (N, T, 2C)
+    k, v = (t.view(N, T, nh, hs).transpose(1, 2) for t in kv.split(C, dim=2))  # (N, nh, T, hs)
+    y = F.scaled_dot_product_attention(q, k, v)  # the last query sees every key: no mask
+    x = x[:, -1:] + attn.c_proj(y.transpose(1, 2).reshape(N, 1, C))
+    if not block.attn_only:
+        x = x + block.mlp(block.ln_2(x))
+    return x
+
+
+def _run_tail(model, x: torch.Tensor, layer: int, stage: str, shortcut: bool = True) -> torch.Tensor:
+    """Last-position logits (N, 1, V) from the residual stream ``x`` (N, T, C) at (layer, stage).
+
+    The tail of ``GPT.forward``, skipping what the last position's logits cannot depend on
+    (``shortcut=False`` runs the last block whole, so hooks inside it fire).
+    """
+    blocks = model.transformer.h
+    last = len(blocks) - 1
+    if stage == "mid":  # finish block `layer`: its MLP is per-position
+        block = blocks[layer]
+        if layer == last:
+            x = x[:, -1:]
+        x = x + block.mlp(block.ln_2(x))
+    if stage in ("mid", "post"):
+        layer += 1
+    for i in range(layer, last + 1):
+        x = _last_query_block(blocks[i], x) if i == last and shortcut else blocks[i](x)
+    return model.lm_head(model.transformer.ln_f(x[:, -1:]))
+
+
+def _head_out(model, layer: int, dz: torch.Tensor) -> torch.Tensor:
+    """(B, T, nh, C): what each head's z difference dz (B, T, nh, hs) adds to the residual."""
+    attn = model.transformer.h[layer].attn
+    C, nh = attn.n_embd, attn.n_head
+    w_o = attn.c_proj.weight.T.reshape(nh, C // nh, C)  # (nh, hs, C); the bias cancels in a difference
+    return torch.einsum("bthd,hdc->bthc", dz, w_o)
+
+
+def _needed_names(model, components: list[Component]) -> list[str]:
+    names = set()
+    for c in components:
+        entry = _entry(model, c.hook)
+        names.add(c.hook)
+        if entry is not None:
+            names.add(_stream_name(entry[0], entry[1]))
+        elif layer_of(c.hook) is not None:
+            names.add(_stream_name(layer_of(c.hook), "pre"))
+    return sorted(names)
+
+
 @torch.no_grad()
-def _patched_logit_diffs(model, donor: torch.Tensor, receiver: torch.Tensor, components: list[Component],
-                         answer, corrupted_answer, batched: bool, max_rows: int, show_progress: bool) -> torch.Tensor:
-    """Raw (unnormalised) logit difference of the receiver run with each component patched."""
-    B = receiver.shape[0]
-    names = sorted({c.hook for c in components})
-    layers = [layer_of(c.hook) for c in components]
-    starts = sorted({l for l in layers if l is not None})
-    hm = HookManager(model)
-    _, donor_cache = hm.run_with_cache(donor, names_filter=names)
+def _patched_logit_diffs(model, hm: HookManager, donor: dict, recv: dict, recv_input: torch.Tensor,
+                         components: list[Component], answer, corrupted_answer, batched: bool, max_rows: int,
+                         show_progress: bool) -> torch.Tensor:
+    """Raw logit difference of the receiver run with each component patched from the donor.
+
+    ``donor``/``recv``: activations of the two runs by hook name (from one cached forward).
+    """
+    B = recv_input.shape[0]
     out = torch.empty(len(components))
-    if not batched:
-        iterator = range(len(components))
-        for k in _progress(iterator, show_progress, "patching"):
+    if not batched:  # the plain reference: a full forward per component, one hook
+        for k in _progress(range(len(components)), show_progress, "patching"):
             comp = components[k]
             pos_axis, head_axis = _axes(comp.hook)
+            index = [slice(None)] * donor[comp.hook].dim()
+            if comp.position is not None:
+                index[pos_axis] = comp.position
+            if comp.head is not None:
+                index[head_axis] = comp.head
+            index = tuple(index)
 
-            def patch_one(act, hook, comp=comp, pos_axis=pos_axis, head_axis=head_axis):
+            def patch_one(act, hook, index=index):
                 act = act.clone()
-                index = [slice(None)] * act.dim()
-                if comp.position is not None:
-                    index[pos_axis] = comp.position
-                if comp.head is not None:
-                    index[head_axis] = comp.head
-                act[tuple(index)] = donor_cache[hook.name][tuple(index)]
+                act[index] = donor[hook.name][index]
                 return act
 
-            logits, _ = hm.run_with_hooks(receiver, fwd_hooks=[(comp.hook, patch_one)])
+            logits, _ = hm.run_with_hooks(recv_input, fwd_hooks=[(comp.hook, patch_one)])
             out[k] = logit_diff(logits, answer, corrupted_answer)[0]
         return out
 
-    # residual stream entering each block, so a group of layer-l components starts at block l
-    _, recv_cache = hm.run_with_cache(receiver, names_filter=[f"transformer.h.{l}.hook_resid_pre" for l in starts])
-    order = sorted(range(len(components)), key=lambda k: (-1 if layers[k] is None else layers[k]))
+    groups: dict[tuple, list[int]] = {}
+    for k, comp in enumerate(components):
+        entry = _entry(model, comp.hook)
+        key = ("stream",) + entry[:2] if entry else ("hooks", layer_of(comp.hook))
+        groups.setdefault(key, []).append(k)
     per_chunk = max(1, max_rows // B)
-    chunks = [order[i:i + per_chunk] for i in range(0, len(order), per_chunk)]
-    for chunk in _progress(chunks, show_progress, "patching"):
-        n = len(chunk)
+    chunks = [(key, ks[i:i + per_chunk]) for key, ks in groups.items() for i in range(0, len(ks), per_chunk)]
+    head_deltas: dict[int, torch.Tensor] = {}
+    for key, chunk in _progress(chunks, show_progress, "patching"):
         comps = [components[k] for k in chunk]
-        hooks = []
-        for name in sorted({c.hook for c in comps}):
-            own = [c if c.hook == name else None for c in comps]  # slice k patches only its own
-
-            def patch_many(act, hook, own=own, cache={}):
-                if "mask" not in cache:
-                    cols = [c or Component(hook.name, None, None) for c in own]
-                    mask = _mask(cols, act.shape, act.device)
-                    mask[[k for k, c in enumerate(own) if c is None]] = False
-                    cache["mask"] = mask
-                view = act.reshape(n, B, *act.shape[1:])
-                return torch.where(cache["mask"], donor_cache[hook.name][None], view).reshape(act.shape)
-
-            hooks.append((name, patch_many))
-        first = [layers[k] for k in chunk]
-        with hm.hooks(hooks):
-            if any(l is None for l in first):  # embedding hooks: run the whole model
-                logits = model(receiver.repeat(n, 1))[0]
-            else:
-                start = min(first)
-                x = recv_cache[f"transformer.h.{start}.hook_resid_pre"]  # (B, T, C)
-                logits = _forward_from(model, x.repeat(n, 1, 1), start)
+        if key[0] == "stream":
+            _, layer, stage = key
+            x = recv[_stream_name(layer, stage)].repeat(len(chunk), 1, 1).view(len(chunk), B, *recv_input.shape[1:], -1)
+            for i, comp in enumerate(comps):
+                pos = slice(None) if comp.position is None else comp.position
+                if _entry(model, comp.hook)[2] == "replace":
+                    x[i, :, pos] = donor[comp.hook][:, pos]
+                elif comp.hook.endswith("attn.hook_z"):
+                    if layer not in head_deltas:
+                        head_deltas[layer] = _head_out(model, layer, donor[comp.hook] - recv[comp.hook])
+                    d = head_deltas[layer]  # (B, T, nh, C)
+                    x[i, :, pos] += d[:, pos, comp.head] if comp.head is not None else d[:, pos].sum(-2)
+                else:
+                    x[i, :, pos] += (donor[comp.hook] - recv[comp.hook])[:, pos]
+            logits = _run_tail(model, x.flatten(0, 1), layer, stage)
+        else:  # any other hook point: stack the receiver, patch slice i in a hook, run on
+            logits = _run_with_masked_hooks(model, hm, donor, recv, recv_input, comps, key[1])
         out[chunk] = logit_diff(logits, answer, corrupted_answer).cpu()
     return out
+
+
+def _run_with_masked_hooks(model, hm, donor, recv, recv_input, comps: list[Component], layer) -> torch.Tensor:
+    n, B = len(comps), recv_input.shape[0]
+    hooks = []
+    for name in sorted({c.hook for c in comps}):
+        own = [c if c.hook == name else None for c in comps]  # slice i patches only its own
+
+        def patch_many(act, hook, own=own):
+            mask = _mask([c or Component(hook.name) for c in own], act.shape, act.device)
+            mask[[i for i, c in enumerate(own) if c is None]] = False
+            view = act.reshape(n, B, *act.shape[1:])
+            return torch.where(mask, donor[hook.name][None], view).reshape(act.shape)
+
+        hooks.append((name, patch_many))
+    with hm.hooks(hooks):
+        if layer is None:  # embedding hooks: the whole model
+            return model(recv_input.repeat(n, 1))[0]
+        x = recv[_stream_name(layer, "pre")]
+        return _run_tail(model, x.repeat(n, 1, 1), layer, "pre", shortcut=False)
 
 
 def _progress(iterable, show: bool, desc: str):
@@ -240,45 +340,62 @@ def _progress(iterable, show: bool, desc: str):
     return tqdm(iterable, desc=desc)
 
 
+@dataclass
+class PatchRun:
+    """Effects plus the baselines they were normalised with."""
+
+    effects: torch.Tensor
+    clean_logit_diff: float
+    corrupted_logit_diff: float
+    answer: torch.Tensor
+    corrupted_answer: torch.Tensor
+
+
 @torch.no_grad()
-def baseline_logit_diffs(model, clean, corrupted, answer, corrupted_answer) -> tuple[float, float]:
-    """(clean, corrupted) logit differences of the unpatched runs."""
-    clean_ld = logit_diff(model(clean)[0], answer, corrupted_answer)[0].item()
-    corr_ld = logit_diff(model(corrupted)[0], answer, corrupted_answer)[0].item()
-    return clean_ld, corr_ld
-
-
-def patch(model, clean: torch.Tensor, corrupted: torch.Tensor, components: Iterable[Component],
-          answer=None, corrupted_answer=None, *, donor: str = "clean", receiver: str = "corrupted",
-          batched: bool = True, max_rows: int = 4096, show_progress: bool = False) -> torch.Tensor:
-    """Normalised effect of patching each component, (len(components),).
-
-    donor/receiver: which run the activations come from and which run receives them.
-    The default (clean into corrupted, "denoising") asks what a component restores;
-    ``donor="corrupted", receiver="clean"`` ("noising") asks what breaks the clean run.
-    Effects are ``(patched - corrupted) / (clean - corrupted)`` in both cases (NaN when the
-    clean and corrupted runs give the same logit difference). ``max_rows`` caps the rows
-    of one batched forward (components x batch).
-    """
-    runs = {"clean": clean, "corrupted": corrupted}
+def run_patching(model, clean: torch.Tensor, corrupted: torch.Tensor, components: Iterable[Component],
+                 answer=None, corrupted_answer=None, *, donor: str = "clean", receiver: str = "corrupted",
+                 batched: bool = True, max_rows: int = 2048, show_progress: bool = False) -> PatchRun:
+    """``patch`` with its baselines and answers (see there)."""
+    runs = ("clean", "corrupted")
     if donor not in runs or receiver not in runs:
         raise ValueError("donor and receiver must be 'clean' or 'corrupted'")
     if clean.shape != corrupted.shape:
         raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} differ in shape")
-    components = _validate(model, list(components))
+    hm = HookManager(model)
+    components = _validate(hm, list(components))
+    B = clean.shape[0]
+    # one forward for both runs: baselines, default answers, and every activation needed
+    (logits, _), cache = hm.run_with_cache(torch.cat([clean, corrupted]),
+                                                           names_filter=_needed_names(model, components))
+    halves = {"clean": {k: v[:B] for k, v in cache.items()}, "corrupted": {k: v[B:] for k, v in cache.items()}}
     if answer is None or corrupted_answer is None:
-        a, c = default_answers(model, clean, corrupted)
+        a, c = _answers_from_logits(logits[:B, -1], logits[B:, -1])
         answer = a if answer is None else answer
         corrupted_answer = c if corrupted_answer is None else corrupted_answer
-    B, device = clean.shape[0], clean.device
-    answer, corrupted_answer = _as_answer(answer, B, device), _as_answer(corrupted_answer, B, device)
-    clean_ld, corr_ld = baseline_logit_diffs(model, clean, corrupted, answer, corrupted_answer)
-    raw = _patched_logit_diffs(model, runs[donor], runs[receiver], components, answer, corrupted_answer,
-                               batched, max_rows, show_progress)
+    answer, corrupted_answer = _as_answer(answer, B, clean.device), _as_answer(corrupted_answer, B, clean.device)
+    clean_ld, corr_ld = logit_diff(logits, answer, corrupted_answer).tolist()
+    recv_input = clean if receiver == "clean" else corrupted
+    raw = _patched_logit_diffs(model, hm, halves[donor], halves[receiver], recv_input, components, answer,
+                               corrupted_answer, batched, max_rows, show_progress)
     denom = clean_ld - corr_ld
-    if abs(denom) < 1e-12:
-        return torch.full_like(raw, float("nan"))
-    return (raw - corr_ld) / denom
+    effects = torch.full_like(raw, float("nan")) if abs(denom) < 1e-12 else (raw - corr_ld) / denom
+    return PatchRun(effects, clean_ld, corr_ld, answer, corrupted_answer)
+
+
+def patch(model, clean: torch.Tensor, corrupted: torch.Tensor, components: Iterable[Component],
+          answer=None, corrupted_answer=None, **kw) -> torch.Tensor:
+    """Normalised effect of patching each component, (len(components),). The generic routine.
+
+    donor/receiver (keywords): which run the activations come from and which receives them.
+    The default (clean into corrupted, "denoising") asks what a component restores;
+    ``donor="corrupted", receiver="clean"`` ("noising") asks what breaks the clean run.
+    Effects are ``(patched - corrupted) / (clean - corrupted)`` either way (NaN when the
+    clean and corrupted runs give the same logit difference). Without answers:
+    answer = the clean run's top prediction at the last position, corrupted_answer = the
+    corrupted run's (its second choice where both agree). ``batched=False``: one full
+    forward per component (the reference); ``max_rows`` caps rows per batched forward.
+    """
+    return run_patching(model, clean, corrupted, components, answer, corrupted_answer, **kw).effects
 
 
 # ---------------------------------------------------------------------------------------
@@ -345,35 +462,31 @@ def attribution_patch_heads(model, clean, corrupted, answer=None, corrupted_answ
 
     Attribution patching (Nanda 2023; Syed et al. 2023): the effect of replacing a head's
     corrupted output z by its clean output is approximated by
-    ``(z_clean - z_corrupted) . d metric / d z`` at the corrupted run, so all heads come
-    from one clean forward (no grad), one corrupted forward and one backward. Normalised
-    like ``patch``. Exact for heads whose effect is linear; it misjudges heads whose effect
-    saturates (large softmax changes downstream).
+    ``(z_clean - z_corrupted) . d metric / d z`` taken at the corrupted run, so every head
+    comes from one forward (clean and corrupted side by side) and one backward pass.
+    Normalised like ``patch``. Exact when the metric is linear in z; it misjudges heads
+    whose effect saturates (a softmax downstream that flips).
     """
-    if answer is None or corrupted_answer is None:
-        a, c = default_answers(model, clean, corrupted)
-        answer = a if answer is None else answer
-        corrupted_answer = c if corrupted_answer is None else corrupted_answer
-    B, device = clean.shape[0], clean.device
-    answer, corrupted_answer = _as_answer(answer, B, device), _as_answer(corrupted_answer, B, device)
-    hm = HookManager(model)
-    with torch.no_grad():
-        clean_logits, clean_cache = hm.run_with_cache(clean, names_filter="attn.hook_z")
-    z_clean = clean_cache.stack("attn.hook_z")  # (L, B, T, nh, hs)
+    B = clean.shape[0]
     with torch.enable_grad():
-        corr_logits, corr_cache = hm.run_with_cache(corrupted, names_filter="attn.hook_z", detach=False)
-        names = sorted(corr_cache, key=layer_of)
-        metric = logit_diff(corr_logits[0] if isinstance(corr_logits, tuple) else corr_logits,
-                            answer, corrupted_answer)[0]
-        grads = torch.autograd.grad(metric, [corr_cache[n] for n in names])  # no .grad on params
-    z_corr = torch.stack([corr_cache[n].detach() for n in names])
-    est = ((z_clean - z_corr) * torch.stack(grads)).sum(-1)  # (L, B, T, nh)
+        (logits, _), cache = HookManager(model).run_with_cache(torch.cat([clean, corrupted]),
+                                                               names_filter="attn.hook_z", detach=False)
+        if answer is None or corrupted_answer is None:
+            a, c = _answers_from_logits(logits[:B, -1].detach(), logits[B:, -1].detach())
+            answer = a if answer is None else answer
+            corrupted_answer = c if corrupted_answer is None else corrupted_answer
+        answer, corrupted_answer = _as_answer(answer, B, clean.device), _as_answer(corrupted_answer, B, clean.device)
+        clean_ld, corr_ld = logit_diff(logits, answer, corrupted_answer)  # the two halves
+        names = sorted(cache, key=layer_of)
+        grads = torch.autograd.grad(corr_ld, [cache[n] for n in names])  # no .grad left on parameters
+    z = torch.stack([cache[n].detach() for n in names])  # (L, 2B, T, nh, hs)
+    g = torch.stack(grads)[:, B:]  # d corrupted metric / d z at the corrupted run
+    est = ((z[:, :B] - z[:, B:]) * g).sum(-1)  # (L, B, T, nh)
     est = est.sum(1).permute(0, 2, 1) if by_position else est.sum((1, 2))  # (L, nh, T) or (L, nh)
-    clean_ld = logit_diff(clean_logits[0], answer, corrupted_answer)[0]
-    denom = (clean_ld - metric.detach()).item()
+    denom = (clean_ld - corr_ld).item()
     if abs(denom) < 1e-12:
         return torch.full_like(est, float("nan"))
-    return est.detach() / denom
+    return est / denom
 
 
 # ---------------------------------------------------------------------------------------
@@ -396,22 +509,18 @@ def patch_layer_scan(model, clean_input: torch.Tensor, corrupted_input: torch.Te
                      batched: bool = True) -> dict[str, LayerPatchResult]:
     """Patch the output of every block (``transformer.h.{l}``) with its clean value.
 
-    Returns ``{"transformer.h.0": LayerPatchResult, ...}``; see ``patch_residual_by_layer``
-    for what is patched (the block's output at ``position``, default the last). Without
-    answers, answer = the clean model's top prediction at the last position and
-    corrupted_answer = the corrupted model's (see ``default_answers``).
+    Returns ``{"transformer.h.0": LayerPatchResult, ...}`` in layer order; see
+    ``patch_residual_by_layer`` for what is patched (the block's output at ``position``,
+    default the last). Without answers, answer = the clean model's top prediction at the
+    last position and corrupted_answer = the corrupted model's (see ``default_answers``).
     """
-    if answer is None or corrupted_answer is None:
-        a, c = default_answers(model, clean_input, corrupted_input)
-        answer = a if answer is None else answer
-        corrupted_answer = c if corrupted_answer is None else corrupted_answer
-    B, device = clean_input.shape[0], clean_input.device
-    answer, corrupted_answer = _as_answer(answer, B, device), _as_answer(corrupted_answer, B, device)
-    effects = patch_residual_by_layer(model, clean_input, corrupted_input, answer, corrupted_answer,
-                                      position=position, show_progress=show_progress, batched=batched)
-    clean_ld, corr_ld = baseline_logit_diffs(model, clean_input, corrupted_input, answer, corrupted_answer)
-    return {f"transformer.h.{l}": LayerPatchResult(f"transformer.h.{l}", l, float(e), clean_ld, corr_ld)
-            for l, e in enumerate(effects.tolist())}
+    L = model.config.n_layer
+    comps = [Component(f"transformer.h.{l}.hook_resid_post", None, position) for l in range(L)]
+    run = run_patching(model, clean_input, corrupted_input, comps, answer, corrupted_answer,
+                       batched=batched, show_progress=show_progress)
+    return {f"transformer.h.{l}": LayerPatchResult(f"transformer.h.{l}", l, float(e), run.clean_logit_diff,
+                                                   run.corrupted_logit_diff)
+            for l, e in enumerate(run.effects.tolist())}
 
 
 def find_important_components(results, threshold: float = 0.3, top_k: int | None = 5) -> list[tuple[str, float]]:
