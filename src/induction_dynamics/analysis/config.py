@@ -1,0 +1,96 @@
+"""Typed schema of ``conf/analyze.yaml`` (Hydra structured config): typos and wrong types fail early.
+
+The values live in ``conf/analyze.yaml`` and ``conf/analysis/suite/*.yaml``; the defaults
+here are the same (a test composes the YAML and compares), so the schema can be read alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+
+# config metric id -> table metrics it produces (see table.METRICS)
+SUITE_METRICS = {
+    "induction": ["induction_score"],
+    "prefix_matching": ["prefix_matching_score"],
+    "previous_token": ["previous_token_score"],
+    "duplicate_token": ["duplicate_token_score"],
+    "copying": ["copying_score"],
+    "ov_copying": ["ov_copying_score"],
+    "icl": ["icl_score"],
+    "token_loss": ["text_loss"],
+    "induction_loss": ["induction_loss_first", "induction_loss_second"],
+    "patching": ["patch_resid", "patch_attn_out", "patch_mlp_out", "patch_head"],
+    "attribution_patching": ["attribution_patch_head"],
+    "logit_lens": ["logit_lens_prob", "logit_lens_rank", "logit_lens_convergence_layer"],
+}
+
+
+@dataclass
+class SuiteConfig:
+    metrics: list[str] = field(default_factory=lambda: list(SUITE_METRICS))
+    batch_size: int = 8               # sequences per random-token probe
+    induction_seq_len: Optional[int] = None  # null: min(32, block_size // 2, allowed tokens)
+    prefix_seq_len: Optional[int] = None     # null: min(25, block_size // 4, allowed tokens)
+    text_windows: int = 16            # fixed validation windows of real text (block_size tokens)
+    icl_positions: Optional[list[int]] = None  # [early, late]; null: 50 and 500 of 1024, scaled
+    patching_batch: int = 8
+
+
+@dataclass
+class PhaseMetric:
+    min_amplitude: float = 0.05
+
+
+@dataclass
+class PhaseConfig:
+    metrics: dict[str, PhaseMetric] = field(default_factory=lambda: {
+        "induction_score_max": PhaseMetric(0.1), "icl_score": PhaseMetric(0.05)})
+    loss_metric: str = "text_loss"    # the loss curve checked for a bump inside the window
+    bump_tol: float = 0.002           # nats; a rise above this inside the window counts as a bump
+    min_snr: float = 4.0
+    min_r2: float = 0.5
+    max_window_frac: float = 1.0
+
+
+@dataclass
+class PlotsConfig:
+    formats: list[str] = field(default_factory=lambda: ["png", "pdf"])
+    dpi: int = 120
+
+
+@dataclass
+class AnalyzeWandbConfig:
+    mode: str = "offline"             # offline | online | disabled
+    project: Optional[str] = None     # null: the training run's project (checkpoint config)
+    group: Optional[str] = None       # null: the training run's group
+
+
+@dataclass
+class AnalyzeConfig:
+    run_dir: str = "???"
+    plots_only: bool = False
+    watch: bool = False
+    watch_poll_s: float = 15.0
+    watch_timeout_s: float = 7200.0
+    n_jobs: int = 1
+    threads: Optional[int] = None     # torch threads per process; null: torch's default (n_jobs=1)
+    device: str = "cpu"
+    force: bool = False
+    seed: int = 1234
+    csv: bool = True
+    suite: SuiteConfig = field(default_factory=SuiteConfig)
+    phase: PhaseConfig = field(default_factory=PhaseConfig)
+    plots: PlotsConfig = field(default_factory=PlotsConfig)
+    wandb: AnalyzeWandbConfig = field(default_factory=AnalyzeWandbConfig)
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="analyze_schema", node=AnalyzeConfig)
+    cs.store(group="analysis/suite", name="suite_schema", node=SuiteConfig, package="suite")
+
+
+register()

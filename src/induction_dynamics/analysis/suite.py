@@ -1,0 +1,167 @@
+"""The per-checkpoint metric suite: one model in, tidy rows (metric, layer, head, value) out.
+
+Every number comes from the toolkit (``induction_dynamics.interpretability``); this module
+only fixes the probe data and flattens the results. The probes are drawn once per run from
+the analysis seed (``Probes``), so every checkpoint sees the same inputs and runs with the
+same data and shape see identical probes (comparable across seeds of a sweep):
+
+- ``induction``: ``[x, x]`` with ``induction_seq_len`` distinct tokens per half, drawn from
+  ``probe_token_ids`` (vocabulary minus its rarest/commonest 10%, from the checkpoint's
+  ``token_counts``); also used for duplicate-token, copying and induction-loss scores.
+- ``prefix``: Olsson et al.'s prefix-matching probe, ``prefix_seq_len`` tokens x 4.
+- ``text``: ``text_windows`` fixed windows of ``block_size`` validation tokens (the
+  checkpoint's ``config["data"]`` through ``data.load_data``): previous-token score, ICL
+  score at positions (early, late), per-token losses (for the PCA plot).
+- ``patching``: ``induction_patching_data`` pairs (clean / one token corrupted).
+
+Metric ids (config ``suite.metrics``) and the table metrics they give: ``config.SUITE_METRICS``;
+what each one means: ``table.METRICS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from induction_dynamics.analysis.config import SUITE_METRICS
+from induction_dynamics.interpretability import activation_patching as ap
+from induction_dynamics.interpretability import logit_lens as ll
+from induction_dynamics.interpretability import metrics as M
+
+# separate generator seeds per probe kind: adding a metric never changes another's probe
+_PROBE_OFFSETS = {"induction": 0, "prefix": 1, "text": 2, "patching": 3}
+
+
+@dataclass
+class Probes:
+    """The fixed inputs of one run's analysis (CPU tensors; moved to the device once per worker)."""
+
+    allowed: torch.Tensor          # (n_allowed,) token ids random probes draw from
+    induction: torch.Tensor        # (B, 2 * induction_seq_len)
+    induction_seq_len: int
+    prefix: torch.Tensor           # (B, 4 * prefix_seq_len)
+    prefix_seq_len: int
+    text: torch.Tensor             # (W, block_size) validation windows
+    icl_early: int                 # indices into the (T-1,) per-token loss vector
+    icl_late: int
+    patching: ap.PatchingData      # clean/corrupted (P, 2L-1), answers (P,)
+
+    def info(self) -> dict:
+        """JSON-able description for run_info.json and the W&B config."""
+        return {"n_allowed_tokens": len(self.allowed), "induction_seq_len": self.induction_seq_len,
+                "induction_batch": self.induction.shape[0], "prefix_seq_len": self.prefix_seq_len,
+                "text_windows": self.text.shape[0], "text_window_len": self.text.shape[1],
+                "icl_early": self.icl_early, "icl_late": self.icl_late,
+                "patching_batch": self.patching.clean.shape[0],
+                "patching_len": self.patching.clean.shape[1]}
+
+    def to(self, device) -> Probes:
+        p = self.patching
+        return Probes(self.allowed.to(device), self.induction.to(device), self.induction_seq_len,
+                      self.prefix.to(device), self.prefix_seq_len, self.text.to(device), self.icl_early,
+                      self.icl_late, ap.PatchingData(p.clean.to(device), p.corrupted.to(device),
+                                                     p.answer.to(device), p.corrupted_answer.to(device)))
+
+
+def validate_metrics(metrics) -> list[str]:
+    metrics = list(metrics)
+    unknown = [m for m in metrics if m not in SUITE_METRICS]
+    if unknown:
+        raise ValueError(f"unknown suite metric(s) {unknown}; choose from {list(SUITE_METRICS)}")
+    return metrics
+
+
+def make_probes(suite, *, vocab_size: int, block_size: int, token_counts, val_tokens: torch.Tensor,
+                seed: int) -> Probes:
+    """Draw every probe of a run from ``seed`` (see the module docstring for what each is)."""
+    counts = None if token_counts is None else torch.as_tensor(token_counts)
+    allowed = M.probe_token_ids(vocab_size, counts)
+
+    def gen(kind):
+        return torch.Generator().manual_seed(int(seed) * 1000 + _PROBE_OFFSETS[kind])
+
+    L = suite.induction_seq_len or min(32, block_size // 2, len(allowed))
+    P = suite.prefix_seq_len or min(25, block_size // 4, len(allowed))
+    if 2 * L > block_size or L > len(allowed) or L < 2:
+        raise ValueError(f"induction_seq_len {L} must be 2..min(block_size/2={block_size // 2}, "
+                         f"allowed tokens={len(allowed)})")
+    if 4 * P > block_size or P > len(allowed) or P < 2:
+        raise ValueError(f"prefix_seq_len {P} must be 2..min(block_size/4={block_size // 4}, "
+                         f"allowed tokens={len(allowed)})")
+    induction = M.repeated_random_tokens(allowed, L, suite.batch_size, 2, gen("induction"))
+    prefix = M.repeated_random_tokens(allowed, P, suite.batch_size, 4, gen("prefix"))
+
+    T = block_size
+    if len(val_tokens) < T + 1:
+        raise ValueError(f"the validation split has {len(val_tokens)} tokens, fewer than block_size+1={T + 1}")
+    starts = torch.randint(len(val_tokens) - T, (suite.text_windows,), generator=gen("text"))
+    text = torch.stack([val_tokens[s:s + T] for s in starts.tolist()])  # (W, T)
+    early, late = suite.icl_positions if suite.icl_positions else M.icl_positions(T)
+    if not 0 <= early < late < T - 1:
+        raise ValueError(f"icl_positions must satisfy 0 <= early < late < {T - 1}, got [{early}, {late}]")
+
+    Lp = min(L, len(allowed) - 1, (T + 1) // 2)  # clean prompt 2L-1 tokens plus one spare token
+    patching = ap.induction_patching_data(allowed, Lp, suite.patching_batch, gen("patching"))
+    return Probes(allowed, induction, L, prefix, P, text, int(early), int(late), patching)
+
+
+def _head_rows(metric: str, scores: torch.Tensor) -> list[tuple]:
+    return [(metric, l, h, float(v)) for l, row in enumerate(scores.tolist()) for h, v in enumerate(row)]
+
+
+def _layer_rows(metric: str, values) -> list[tuple]:
+    return [(metric, l, -1, float(v)) for l, v in enumerate(torch.as_tensor(values).tolist())]
+
+
+@torch.no_grad()
+def run_suite(model, probes: Probes, metrics) -> tuple[list[tuple], np.ndarray | None]:
+    """Evaluate ``metrics`` on one model: ``([(metric, layer, head, value), ...], token losses)``.
+
+    token losses: the (W * (T-1),) float32 per-token losses on the text windows, or None
+    when ``token_loss`` is not in ``metrics``.
+    """
+    metrics = set(validate_metrics(metrics))
+    p = probes
+    rows: list[tuple] = []
+    tokens = None
+    if "induction" in metrics:
+        rows += _head_rows("induction_score", M.induction_scores(model, p.induction, p.induction_seq_len))
+    if "prefix_matching" in metrics:
+        rows += _head_rows("prefix_matching_score", M.prefix_matching_scores(model, p.prefix, p.prefix_seq_len))
+    if "previous_token" in metrics:
+        rows += _head_rows("previous_token_score", M.previous_token_scores(model, p.text))
+    if "duplicate_token" in metrics:
+        rows += _head_rows("duplicate_token_score", M.duplicate_token_scores(model, p.induction, p.induction_seq_len))
+    if "copying" in metrics:
+        rows += _head_rows("copying_score", M.copying_scores(model, p.induction))
+    if "ov_copying" in metrics:
+        rows += _head_rows("ov_copying_score", M.ov_copying_scores(model))
+    if "icl" in metrics:
+        rows.append(("icl_score", -1, -1, M.icl_score(model, p.text, p.icl_early, p.icl_late)))
+    if "token_loss" in metrics:
+        losses = M.per_token_losses(model, p.text)  # (W, T-1)
+        rows.append(("text_loss", -1, -1, losses.mean().item()))
+        tokens = losses.float().reshape(-1).cpu().numpy()
+    if "induction_loss" in metrics:
+        first, second = M.repeated_sequence_loss(model, p.induction, p.induction_seq_len)
+        rows += [("induction_loss_first", -1, -1, first), ("induction_loss_second", -1, -1, second)]
+    pd_ = p.patching
+    args = (model, pd_.clean, pd_.corrupted, pd_.answer, pd_.corrupted_answer)
+    if "patching" in metrics:
+        rows += _layer_rows("patch_resid", ap.patch_residual_by_layer(*args))
+        rows += _layer_rows("patch_attn_out", ap.patch_attn_out_by_layer(*args))
+        if not model.config.attn_only:
+            rows += _layer_rows("patch_mlp_out", ap.patch_mlp_out_by_layer(*args))
+        rows += _head_rows("patch_head", ap.patch_heads(*args))
+    if "attribution_patching" in metrics:
+        with torch.enable_grad():
+            rows += _head_rows("attribution_patch_head", ap.attribution_patch_heads(*args))
+    if "logit_lens" in metrics:
+        lens = ll.logit_lens(model, pd_.clean, target_position=-1, target=pd_.answer)
+        rows += _layer_rows("logit_lens_prob", lens.target_probs)
+        rows += _layer_rows("logit_lens_rank", lens.target_ranks)
+        conv = ll.measure_convergence(lens)["convergence_layer"]
+        rows.append(("logit_lens_convergence_layer", -1, -1, float(conv)))
+    return rows, tokens

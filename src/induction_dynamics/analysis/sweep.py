@@ -1,0 +1,241 @@
+"""Checkpoints -> cached tidy rows: per-run setup, the per-checkpoint cache, parallel workers.
+
+For each run: read the first readable checkpoint (model shape, vocabulary, token counts,
+training config), load its validation text (``data.load_data(**config["data"])``), draw
+the probes (``suite.make_probes``), then analyse every checkpoint that has no cache file
+yet. Each checkpoint's rows are written to ``analysis/cache/step_XXXXXX.parquet`` by the
+worker itself (atomically, the Parquet file last: its presence means "done"), so an
+interrupted sweep resumes where it stopped and a new checkpoint is analysed alone. An
+unreadable checkpoint is reported and skipped; it is retried on the next pass.
+
+The cache remembers the settings it was computed with (``cache/suite.json``: metric set,
+probe sizes, seed); when they change, the run's cache is discarded and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import OmegaConf
+
+from induction_dynamics.analysis import runs as R
+from induction_dynamics.analysis.suite import Probes, make_probes, run_suite, validate_metrics
+from induction_dynamics.analysis.table import COLUMNS, TOKEN_LOSS_PREFIX, make_frame
+from induction_dynamics.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "attn_only")
+
+
+@dataclass
+class RunContext:
+    """What the analysis of one run needs, fixed for all its checkpoints."""
+
+    run_dir: Path
+    label: str
+    seed: int
+    shape: str
+    model_args: dict
+    train_config: dict
+    probes: Probes
+    metrics: list[str]
+    max_iters: int | None
+    errors: list[dict] = field(default_factory=list)
+
+    def info(self) -> dict:
+        wb = self.train_config.get("wandb") or {}
+        return {"run": self.label, "run_dir": str(self.run_dir), "seed": self.seed, "shape": self.shape,
+                "model_args": self.model_args, "max_iters": self.max_iters, "metrics": self.metrics,
+                "probes": self.probes.info(),
+                "train_wandb": {k: wb.get(k) for k in ("project", "group", "name", "mode")}}
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+@lru_cache(maxsize=8)
+def _load_data_cached(kwargs_json: str):
+    from induction_dynamics.data import load_data  # H2's module; imported only when text is needed
+    return load_data(**json.loads(kwargs_json))
+
+
+def validation_tokens(train_config: dict, vocab: list[str]) -> torch.Tensor:
+    """The validation split of the run's own data (``config['data']``), checked against its vocabulary."""
+    from induction_dynamics.data import load_data
+    data_cfg = dict(train_config.get("data") or {})
+    accepted = set(inspect.signature(load_data).parameters)
+    kwargs = {k: v for k, v in data_cfg.items() if k in accepted}
+    if "seed" in accepted and "seed" not in kwargs and "seed" in train_config:
+        kwargs["seed"] = train_config["seed"]  # synthetic data is generated from the run's seed
+    try:
+        data = _load_data_cached(json.dumps(kwargs, sort_keys=True, default=str))
+    except ValueError as e:  # DataError is a ValueError: missing file, unknown name, ...
+        raise R.AnalysisError(f"cannot load the run's validation text ({_one_line(e)})") from e
+    if vocab is not None and list(data.vocab) != list(vocab):
+        raise R.AnalysisError("the validation text's vocabulary differs from the checkpoint's "
+                              f"({len(data.vocab)} vs {len(vocab)} tokens): was the data changed?")
+    return data.val
+
+
+def prepare_run(run_dir: Path, label: str, cfg) -> RunContext | None:
+    """Set up one run from its first readable checkpoint; None when it has none (errors recorded)."""
+    metrics = validate_metrics(cfg.suite.metrics)
+    errors = []
+    for step, path in R.checkpoint_files(run_dir):
+        try:
+            ckpt = load_checkpoint(path)
+            break
+        except CheckpointError as e:
+            errors.append({"run": label, "step": step, "path": str(path), "error": _one_line(e)})
+    else:
+        return RunContext(run_dir, label, -1, "", {}, {}, None, metrics, None, errors) if errors else None
+    args = dict(ckpt["model_args"])
+    train_config = ckpt.get("config") or {}
+    if not train_config and (run_dir / "config.yaml").is_file():
+        train_config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    val = validation_tokens(train_config, ckpt.get("vocab"))
+    probes = make_probes(cfg.suite, vocab_size=args["vocab_size"], block_size=args["block_size"],
+                         token_counts=ckpt.get("token_counts"), val_tokens=val, seed=cfg.seed)
+    max_iters = (train_config.get("train") or {}).get("max_iters")
+    ctx = RunContext(run_dir, label, int(train_config.get("seed", -1)), R.shape_key(args),
+                     {k: args.get(k) for k in SHAPE_FIELDS}, train_config, probes, metrics,
+                     max_iters, errors)
+    _check_cache_settings(ctx, cfg)
+    R.write_json(ctx.info(), R.analysis_dir(run_dir) / "run_info.json")
+    return ctx
+
+
+def _check_cache_settings(ctx: RunContext, cfg) -> None:
+    """Discard the run's cache when it was computed with other settings (or force=true)."""
+    settings = {"version": CACHE_VERSION, "seed": int(cfg.seed), "metrics": sorted(ctx.metrics),
+                "suite": OmegaConf.to_container(cfg.suite, resolve=True), "probes": ctx.probes.info()}
+    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    meta_path = R.cache_dir(ctx.run_dir) / "suite.json"
+    old = (R.read_json(meta_path) or {}).get("fingerprint")
+    cached = sorted(R.cache_dir(ctx.run_dir).glob("step_*.parquet"))
+    stale = cfg.force or (cached and old != fingerprint)
+    if stale:
+        why = "force=true" if cfg.force else "the analysis settings changed since it was made"
+        log.info("%s: discarding %d cached checkpoint results (%s)", ctx.label, len(cached), why)
+        for p in R.cache_dir(ctx.run_dir).glob("step_*"):
+            p.unlink()
+    if stale or old != fingerprint:
+        R.write_json({"fingerprint": fingerprint, **settings}, meta_path)
+
+
+def pending_checkpoints(ctx: RunContext) -> list[tuple[int, Path]]:
+    """Checkpoints of the run without a cache file."""
+    return [(s, p) for s, p in R.checkpoint_files(ctx.run_dir) if not R.cache_path(ctx.run_dir, s).exists()]
+
+
+def analyse_checkpoint(run_dir: str, label: str, step: int, path: str, probes: Probes, metrics: list[str],
+                       expected_args: dict, device: str = "cpu", threads: int | None = None) -> dict:
+    """Analyse one checkpoint and write its cache files. Never raises: errors come back as data.
+
+    Runs in a worker process when n_jobs > 1, hence plain arguments and ``threads``
+    (each worker gets ``cores // n_jobs`` torch threads).
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    try:
+        ckpt = load_checkpoint(path, map_location=device)
+        args = {k: ckpt["model_args"].get(k) for k in SHAPE_FIELDS}
+        if args != expected_args:
+            raise CheckpointError(f"model shape {args} differs from the run's first checkpoint {expected_args}")
+        model = model_from_checkpoint(ckpt, device)
+        rows, tokens = run_suite(model, probes.to(device), metrics)
+        if ckpt.get("val_loss") is not None:
+            rows.append(("val_loss", -1, -1, float(ckpt["val_loss"])))
+    except Exception as e:  # a bad checkpoint must not stop the sweep; report it in one line
+        return {"run": label, "step": step, "path": str(path), "ok": False,
+                "error": f"{type(e).__name__}: {_one_line(e)}" if not isinstance(e, CheckpointError) else _one_line(e)}
+    df = pd.DataFrame(rows, columns=["metric", "layer", "head", "value"])
+    df.insert(0, "step", step)
+    df.insert(1, "tokens_seen", int(ckpt.get("tokens_seen", -1)))
+    out = R.cache_path(run_dir, step)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if tokens is not None:
+        tok_path = R.token_cache_path(run_dir, step)
+        tmp = tok_path.with_name(f".{tok_path.name}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, tokens.astype(np.float32))
+        os.replace(tmp, tok_path)
+    tmp = out.with_name(f".{out.name}.tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, out)  # written last: its presence marks the checkpoint as done
+    return {"run": label, "step": step, "path": str(path), "ok": True, "n_rows": len(df),
+            "seconds": time.perf_counter() - t0}
+
+
+def analyse_pending(contexts: list[RunContext], n_jobs: int = 1, device: str = "cpu",
+                    threads: int | None = None, progress: bool = True) -> list[dict]:
+    """Analyse every pending checkpoint of ``contexts``, ``n_jobs`` at a time; returns the statuses."""
+    from tqdm.auto import tqdm
+
+    tasks = [(str(c.run_dir), c.label, s, str(p), c.probes, c.metrics, c.model_args, device)
+             for c in contexts if c.probes is not None for s, p in pending_checkpoints(c)]
+    if not tasks:
+        return []
+    bar = tqdm(total=len(tasks), desc="analysing checkpoints", unit="ckpt", disable=not progress)
+    results = []
+    if n_jobs == 1:
+        for t in tasks:
+            results.append(analyse_checkpoint(*t, threads=threads))
+            bar.update()
+    else:
+        from joblib import Parallel, cpu_count, delayed
+        threads = threads or max(1, cpu_count() // n_jobs)
+        jobs = Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered")
+        for r in jobs(delayed(analyse_checkpoint)(*t, threads=threads) for t in tasks):
+            results.append(r)
+            bar.update()
+    bar.close()
+    by_label = {c.label: c for c in contexts}
+    for r in results:
+        if not r["ok"]:
+            log.warning("%s: skipped checkpoint step %d: %s", r["run"], r["step"], r["error"])
+            errors = by_label[r["run"]].errors
+            errors[:] = [e for e in errors if e["step"] != r["step"]]  # a retried checkpoint: latest error
+            errors.append({k: r[k] for k in ("run", "step", "path", "error")})
+    return results
+
+
+def collect_run(run_dir: Path, label: str, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(tidy table, per-token-loss table) of a run from its cache files."""
+    frames, token_rows = [], []
+    for p in sorted(R.cache_dir(run_dir).glob("step_*.parquet")):
+        df = pd.read_parquet(p)
+        frames.append(df)
+        step = int(df["step"].iloc[0])
+        tok = R.token_cache_path(run_dir, step)
+        if tok.exists():
+            token_rows.append((step, int(df["tokens_seen"].iloc[0]), np.load(tok)))
+    if not frames:
+        return make_frame(pd.DataFrame(columns=COLUMNS)), pd.DataFrame()
+    table = pd.concat(frames, ignore_index=True).assign(run=label, seed=seed)
+    table = make_frame(table).sort_values(["step", "metric", "layer", "head"], kind="stable")
+    tokens = pd.DataFrame()
+    if token_rows:
+        n = min(len(v) for _, _, v in token_rows)
+        values = np.stack([v[:n] for _, _, v in token_rows])  # (n_ckpt, n_tokens)
+        cols = [f"{TOKEN_LOSS_PREFIX}{i:05d}" for i in range(n)]
+        tokens = pd.concat([pd.DataFrame({"run": label, "seed": seed, "step": [s for s, _, _ in token_rows],
+                                          "tokens_seen": [t for _, t, _ in token_rows]}),
+                            pd.DataFrame(values, columns=cols)], axis=1).sort_values("step")
+    return table.reset_index(drop=True), tokens.reset_index(drop=True)

@@ -1,0 +1,91 @@
+"""One W&B run per analysed training run (job_type "analysis"), through ``wandb_utils.WandbLogger``.
+
+Same project and group as the training run (read from its checkpoint's ``config["wandb"]``,
+unless ``wandb.project`` / ``wandb.group`` are set), a name holding the seed, and every
+curve logged against the *training* iteration (step metric ``iter``), so the analysis
+curves sit on the same x-axis as ``train/loss`` in the group's workspace. Keys:
+
+    analysis/<metric>                      model-level (icl_score, text_loss, ...)
+    analysis/<metric>/L<l>                 layer-level (patch_resid/L1, logit_lens_prob/L0, ...)
+    analysis/<metric>/L<l>H<h>             head-level (induction_score/L1H3, ...)
+    analysis/<metric>_max                  max over heads of a head-level metric
+    analysis/phase_window/<curve>          1 inside the detected window, else 0 (a marker)
+    analysis/plots/<plot>                  the run's plots as images (heatmaps etc.)
+    analysis/checkpoints                   wandb.Table, one row per checkpoint
+    summary analysis/phase/<curve>/...     detected, mid_step, start_step, end_step, loss_bump
+
+No torch here: this runs in the main process after the workers are done.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from induction_dynamics.analysis.table import wide_by_step
+
+
+def run_name(info: dict) -> str:
+    """The training run's W&B name (or the run label) + the seed + ``-analysis``."""
+    base = (info.get("train_wandb") or {}).get("name") or Path(info["run"]).name
+    seed = info.get("seed")
+    if seed is not None and f"seed{seed}" not in base.replace("_", "").replace("-", "").replace("=", ""):
+        base = f"{base}-seed{seed}"
+    return f"{base}-analysis"
+
+
+class AnalysisLogger:
+    """Streams a run's analysis rows to W&B in step order; images, table, summary at the end."""
+
+    def __init__(self, info: dict, wandb_cfg, run_dir: Path, config: dict):
+        from induction_dynamics.wandb_utils import WandbLogger  # imports wandb lazily
+
+        train = info.get("train_wandb") or {}
+        self.logger = WandbLogger(
+            mode=wandb_cfg.mode, project=wandb_cfg.project or train.get("project") or "induction-dynamics",
+            group=wandb_cfg.group or train.get("group"), name=run_name(info), job_type="analysis",
+            config=config, dir=run_dir, step_metric="iter")
+        self.last_step = -1
+
+    @property
+    def active(self) -> bool:
+        return self.logger.run is not None
+
+    def log_new(self, table: pd.DataFrame) -> int:
+        """Log checkpoints newer than the last logged one (W&B records go in step order)."""
+        if not self.active or table.empty:
+            return 0
+        wide = wide_by_step(table[table["step"] > self.last_step])
+        for row in wide.to_dict("records"):
+            step = int(row.pop("step"))
+            record = {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
+            record["analysis/tokens_seen"] = record.pop("tokens_seen")
+            self.logger.log(record, step=step)
+            self.last_step = step
+        return len(wide)
+
+    def finish(self, table: pd.DataFrame, phase: pd.DataFrame, plot_paths: list[Path], probes: dict) -> None:
+        """Phase markers and summary, plot images, the per-checkpoint table; then close the run."""
+        if not self.active:
+            return
+        steps = sorted(table["step"].unique())
+        summary = {f"analysis/probes/{k}": v for k, v in probes.items()}
+        records = phase.to_dict("records")
+        for r in records:
+            for key in ("detected", "mid_step", "start_step", "end_step", "amp", "r2", "loss_bump",
+                        "loss_bump_in_window", "reason"):
+                if key in r:
+                    summary[f"analysis/phase/{r['metric']}/{key}"] = r[key]
+        for s in steps if records else []:  # the marker: a step function over the training iterations
+            self.logger.log({f"analysis/phase_window/{r['metric']}":
+                             int(bool(r["detected"]) and r["start_step"] <= s <= r["end_step"]) for r in records},
+                            step=int(s))
+        summary["analysis/n_checkpoints"] = len(steps)
+        self.logger.summary(summary)
+        for p in plot_paths:
+            if Path(p).suffix == ".png":
+                self.logger.log_image(f"analysis/plots/{Path(p).stem}", p)
+        self.logger.log_table("analysis/checkpoints", wide_by_step(table))
+        self.logger.finish()
