@@ -1,0 +1,160 @@
+"""Activation patching: sanity values for every variant (acceptance 2), batched == one
+forward per component, the hand-built circuit's heads, and attribution patching against
+exact patching on a trained model."""
+
+import pytest
+import torch
+
+from conftest import HAND_VOCAB
+from induction_dynamics.interpretability import activation_patching as ap
+from induction_dynamics.interpretability.patching_core import _run_tail
+from induction_dynamics.interpretability.utils import HookManager
+from induction_dynamics.model import GPT, GPTConfig
+
+
+def variants(model):
+    out = [ap.patch_heads, ap.patch_heads_by_position, ap.patch_attn_out_by_layer,
+           ap.patch_residual_by_layer, ap.patch_residual_by_position]
+    if not model.config.attn_only:
+        out.append(ap.patch_mlp_out_by_layer)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mlp_model():
+    """A 3-layer model with MLPs and larger-than-init random weights, so outputs depend on the
+    input. float64: its clean-corrupted logit difference is small, and the test is about the
+    algorithms being exact, not about float32 rounding (the trained model covers float32)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=24, vocab_size=32, n_layer=3, n_head=2, n_embd=32))
+    with torch.no_grad():  # larger weights than nanoGPT's init: outputs that depend on the input
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    return model.double().eval()
+
+
+def data_for(model, seq_len=12, batch=6, seed=0):
+    allowed = torch.arange(model.config.vocab_size)
+    return ap.induction_patching_data(allowed, seq_len, batch, torch.Generator().manual_seed(seed))
+
+
+def test_induction_patching_data_is_a_minimal_pair():
+    d = ap.induction_patching_data(torch.arange(20), 8, 5, torch.Generator().manual_seed(0))
+    assert d.clean.shape == d.corrupted.shape == (5, 15)
+    differs = (d.clean != d.corrupted)
+    assert differs.sum() == 5 and differs[:, 7].all()  # only the answer token of the first copy
+    assert torch.equal(d.answer, d.clean[:, 7]) and torch.equal(d.corrupted_answer, d.corrupted[:, 7])
+    assert torch.equal(d.clean[:, 8:], d.clean[:, :7])  # second copy, up to the answer
+    assert all(len(set(row.tolist())) == 8 for row in d.clean[:, :8])
+    with pytest.raises(ValueError):
+        ap.induction_patching_data(torch.arange(8), 8, 2)
+
+
+@pytest.mark.parametrize("which", ["mlp", "trained"])
+def test_clean_into_clean_is_one_and_corrupted_into_corrupted_is_zero(which, mlp_model, trained):
+    model = mlp_model if which == "mlp" else trained.model
+    d = data_for(model)
+    for fn in variants(model):
+        same_clean = fn(model, d.clean, d.corrupted, d.answer, d.corrupted_answer, donor="clean", receiver="clean")
+        same_corr = fn(model, d.clean, d.corrupted, d.answer, d.corrupted_answer, donor="corrupted",
+                       receiver="corrupted")
+        torch.testing.assert_close(same_clean, torch.ones_like(same_clean), atol=1e-4, rtol=0, msg=fn.__name__)
+        torch.testing.assert_close(same_corr, torch.zeros_like(same_corr), atol=1e-4, rtol=0, msg=fn.__name__)
+
+
+@pytest.mark.parametrize("which", ["mlp", "trained"])
+def test_batched_equals_one_forward_per_component(which, mlp_model, trained):
+    model = mlp_model if which == "mlp" else trained.model
+    d = data_for(model, seed=1)
+    for fn in variants(model):
+        fast = fn(model, d.clean, d.corrupted, d.answer, d.corrupted_answer)
+        slow = fn(model, d.clean, d.corrupted, d.answer, d.corrupted_answer, batched=False)
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0, msg=fn.__name__)
+        assert fast.abs().max() > 0.05  # something in this model matters
+    # hook points without a residual-stream shortcut go through masked hooks; small chunks too
+    comps = [ap.Component(f"transformer.h.{l}.attn.hook_{k}", h, p)
+             for l in range(model.config.n_layer) for k in ("q", "k", "v", "pattern") for h in (0, 1) for p in (None, 12)]
+    diff = 11  # seq_len - 1: the only position where clean and corrupted differ
+    comps += [ap.Component("transformer.hook_embed", None, diff), ap.Component("blocks.0.hook_resid_pre", None, diff)]
+    fast = ap.patch(model, d.clean, d.corrupted, comps, max_rows=20)
+    slow = ap.patch(model, d.clean, d.corrupted, comps, batched=False)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+    assert fast[-1].item() == pytest.approx(1.0, abs=1e-5)  # the only differing token, at the input: all of it
+
+
+def test_run_tail_reproduces_the_forward(mlp_model):
+    tokens = torch.randint(0, 32, (3, 20))
+    logits, _ = mlp_model(tokens)
+    _, cache = HookManager(mlp_model).run_with_cache(tokens, names_filter=lambda n: "resid" in n)
+    for l in range(3):
+        for stage in ("pre", "mid", "post"):
+            x = cache[f"transformer.h.{l}.hook_resid_{stage}"]
+            torch.testing.assert_close(_run_tail(mlp_model, x, l, stage)[:, -1], logits[:, -1], atol=1e-5, rtol=0)
+
+
+def test_hand_built_circuit_patching(hand_model):
+    d = ap.induction_patching_data(torch.arange(HAND_VOCAB), 16, 8, torch.Generator().manual_seed(0))
+    args = (hand_model, d.clean, d.corrupted, d.answer, d.corrupted_answer)
+    heads = ap.patch_heads(*args)
+    assert heads[1, 0] > 0.95 and heads.flatten()[[0, 1, 3]].abs().max() < 0.05  # only the induction head
+    noising = ap.patch_heads(*args, donor="corrupted", receiver="clean")
+    assert noising[1, 0] < 0.05 and noising.flatten()[[0, 1, 3]].min() > 0.95  # only it breaks the clean run
+    by_pos = ap.patch_heads_by_position(*args)
+    assert by_pos[1, 0, -1] > 0.95 and by_pos[1, 0, :-1].abs().max() < 0.05  # at the last position
+    # the answer token is the only difference: restored at its position before block 0
+    grid = ap.patch_residual_by_position(*args)
+    assert grid[0, 15] > 0.95 and grid[0, torch.arange(31) != 15].abs().max() < 0.05
+    attn = ap.patch_attn_out_by_layer(*args)
+    assert attn[1] > 0.95 and abs(attn[0]) < 0.05
+    with pytest.raises(ValueError, match="attention-only"):
+        ap.patch_mlp_out_by_layer(*args)
+
+
+def test_layer_scan_and_important_components(hand_model):
+    d = ap.induction_patching_data(torch.arange(HAND_VOCAB), 16, 8, torch.Generator().manual_seed(0))
+    results = ap.patch_layer_scan(hand_model, clean_input=d.clean, corrupted_input=d.corrupted)
+    assert list(results) == ["transformer.h.0", "transformer.h.1"]
+    assert [int(name.split(".")[2]) for name in results] == [0, 1]
+    # default answers: the clean and corrupted models' own predictions, which are the true ones here
+    assert results["transformer.h.1"].effect == pytest.approx(1.0, abs=1e-5)
+    assert abs(results["transformer.h.0"].effect) < 0.05  # the answer reaches the last position in block 1
+    assert results["transformer.h.0"].clean_logit_diff > 1 > results["transformer.h.0"].corrupted_logit_diff
+    important = ap.find_important_components(results, threshold=0.3, top_k=5)
+    assert [name for name, _ in important] == ["transformer.h.1"]
+    effects = torch.tensor([[0.1, -0.6], [0.9, float("nan")]])
+    assert ap.find_important_components(effects, threshold=0.3) == [("L1H0", pytest.approx(0.9)),
+                                                                    ("L0H1", pytest.approx(-0.6))]
+    assert ap.find_important_components(effects, threshold=0.0, top_k=1) == [("L1H0", pytest.approx(0.9))]
+
+
+def test_default_answers_avoid_a_void_difference(trained):
+    d = data_for(trained.model)
+    answer, corrupted_answer = ap.default_answers(trained.model, d.clean, d.corrupted)
+    assert (answer != corrupted_answer).all()
+    # the trained model completes the repeat: its predictions are the true answers
+    assert (answer == d.answer).float().mean() > 0.8 and (corrupted_answer == d.corrupted_answer).float().mean() > 0.8
+
+
+def test_attribution_patching_agrees_with_exact_patching(trained):
+    d = data_for(trained.model, seq_len=12, batch=16)
+    args = (trained.model, d.clean, d.corrupted, d.answer, d.corrupted_answer)
+    exact = ap.patch_heads(*args)
+    approx = ap.attribution_patch_heads(*args)
+    assert approx.shape == exact.shape
+    assert torch.corrcoef(torch.stack([exact.flatten(), approx.flatten()]))[0, 1] > 0.9
+    assert approx.flatten().argmax() == exact.flatten().argmax()  # the same most important head
+    assert exact.max() > 0.5  # the trained model does have a head that carries the answer
+    by_pos = ap.attribution_patch_heads(*args, by_position=True)
+    torch.testing.assert_close(by_pos.sum(-1), approx, atol=1e-5, rtol=1e-5)
+    assert all(p.grad is None for p in trained.model.parameters())
+
+
+def test_bad_components_are_refused(trained):
+    d = data_for(trained.model)
+    with pytest.raises(KeyError):
+        ap.patch(trained.model, d.clean, d.corrupted, [ap.Component("transformer.h.9.hook_resid_pre")])
+    with pytest.raises(ValueError, match="head axis"):
+        ap.patch(trained.model, d.clean, d.corrupted, [ap.Component("transformer.h.0.hook_resid_pre", head=0)])
+    with pytest.raises(ValueError, match="shape"):
+        ap.patch_heads(trained.model, d.clean, d.corrupted[:, :-1])
