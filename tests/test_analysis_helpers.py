@@ -27,7 +27,7 @@ def make_run(run_dir: Path, seed: int, steps=(0, 5, 10, 15), *, shape: dict | No
              group: str = "test-group", iters_per_step: int = 1) -> Path:
     """Write checkpoints at ``steps`` of a tiny model trained on [x, x] sequences."""
     torch.manual_seed(seed)
-    data = load_data(**DATA, seed=seed)
+    data = load_data(**DATA)
     args = {**SHAPE, **(shape or {}), "vocab_size": data.vocab_size}
     model = GPT(GPTConfig(**args))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -78,9 +78,9 @@ def validation_tokens(train_config: dict, vocab: list[str]) -> torch.Tensor:
     from induction_dynamics.data import load_data
     data_cfg = dict(train_config.get("data") or {})
     accepted = set(inspect.signature(load_data).parameters)
+    # the trainer's own call: data keys load_data knows; the synthetic stream's seed stays
+    # load_data's default (the run's seed drives the batch sampler, not the token stream)
     kwargs = {k: v for k, v in data_cfg.items() if k in accepted}
-    if "seed" in accepted and "seed" not in kwargs and "seed" in train_config:
-        kwargs["seed"] = train_config["seed"]  # synthetic data is generated from the run's seed
     try:
         data = _load_data_cached(json.dumps(kwargs, sort_keys=True, default=str))
     except ValueError as e:  # DataError is a ValueError: missing file, unknown name, ...
