@@ -51,6 +51,7 @@ def save_atomic(obj, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are meant to be shared and read
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

@@ -1,0 +1,92 @@
+"""Entry-point helper: bad input ends in one line on stderr and a non-zero exit, no traceback.
+
+    if __name__ == "__main__":
+        sys.exit(main_wrapper(hydra_main))
+
+Hydra normally prints its own multi-line report for configuration errors (unknown group
+option, unknown key, wrong type); here Hydra is asked to raise instead and the message is
+folded into one line. Errors of our own (``ConfigError``, ``DataError``, ``CheckpointError``,
+``TrainingError``) already carry one-line messages. Anything else is a bug and keeps its
+traceback. ``HYDRA_FULL_ERROR=1`` (set by the user) shows full tracebacks for everything.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import sys
+
+EXIT_BAD_INPUT = 2
+_USER_FULL_ERROR = "INDUCTION_DYNAMICS_FULL_ERROR"  # the user's HYDRA_FULL_ERROR, before we set it
+
+
+# Matched by class name (and module) rather than imported: a bad config then fails in about
+# a second, without importing torch.
+_KNOWN = {("induction_dynamics", "ConfigError"), ("induction_dynamics", "DataError"),
+          ("induction_dynamics", "CheckpointError"), ("induction_dynamics", "TrainingError"),
+          ("hydra", "HydraException"), ("omegaconf", "OmegaConfBaseException")}
+
+
+def is_bad_input(e: BaseException) -> bool:
+    """An error whose message is meant for the user (one line), not a bug."""
+    return any((cls.__module__.split(".")[0], cls.__name__) in _KNOWN for cls in type(e).__mro__)
+
+
+def one_line(e: BaseException) -> str:
+    """Fold a (Hydra / OmegaConf) multi-line message into one line.
+
+    Lists such as "Available options in 'model':" followed by tab-indented names become
+    "available options in 'model': a, b, c"; Hydra's config search path is dropped.
+    """
+    text = str(e)
+    cause = e.__cause__
+    if cause is not None and str(cause).strip() and str(cause).splitlines()[0] not in text:
+        text += "\n" + str(cause)
+    text = text.split("Config search path")[0]
+    parts: list[str] = []
+    listing = False
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("object_type=") or line.startswith("reference_type="):
+            continue
+        if listing and raw.startswith(("\t", "    ")):
+            parts[-1] += (" " if parts[-1].endswith(":") else ", ") + line
+            continue
+        listing = line.endswith(":")
+        parts.append(line)
+    out = re.sub(r"\s+", " ", "; ".join(parts)).replace(".; ", ". ").strip()
+    return out or type(e).__name__
+
+
+def one_line_errors(task):
+    """Decorate a Hydra task function: known errors print one line and exit with status 2.
+
+    Inside the task, so that Hydra's "Error executing job with overrides" preamble is never
+    printed; in a multirun the sweep stops at the first failing job, as it does in Hydra.
+    """
+    @functools.wraps(task)
+    def wrapped(*args, **kwargs):
+        try:
+            return task(*args, **kwargs)
+        except Exception as e:
+            if not is_bad_input(e) or os.environ.get(_USER_FULL_ERROR) == "1":
+                raise
+            print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_BAD_INPUT) from None
+    return wrapped
+
+
+def main_wrapper(entry) -> int:
+    """Run a ``@hydra.main`` function; known errors -> 'error: <one line>' and exit status 2."""
+    user_wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ[_USER_FULL_ERROR] = "1" if user_wants_traceback else "0"  # seen by one_line_errors
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing its multi-line report
+    try:
+        entry()
+    except Exception as e:
+        if not is_bad_input(e) or user_wants_traceback:
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0

@@ -1,0 +1,212 @@
+"""Structured configs for ``train.py`` (Hydra ConfigStore) and their validation.
+
+The dataclasses give every key a type and a default; ``conf/config.yaml`` composes them
+with the YAML groups under ``conf/`` (``model/``, ``data/``, ``optim/``, ``checkpoint/``,
+``probe/``, ``wandb/``, ``experiment/``). A typo in a key or a value of the wrong type is
+rejected by OmegaConf when the config is composed; ``validate`` then checks what types
+cannot (divisibility, positive intervals, probe vs block size, data file present) and
+raises ``ConfigError`` with a one-line message *before* any work starts.
+
+Key names follow nanoGPT's ``train.py`` where one exists (``n_layer``, ``block_size``,
+``max_iters``, ``eval_iters``, ``warmup_iters``, ``lr_decay_iters``, ``min_lr``, ``grad_clip``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value. The message is one line, naming the key."""
+
+
+@dataclass
+class ModelConfig:
+    """GPTConfig fields (vocab_size comes from the data)."""
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 64
+    block_size: int = 64
+    dropout: float = 0.0
+    bias: bool = False  # nanoGPT train.py's default: a bit better and faster
+    attn_only: bool = False  # blocks without MLP: Olsson et al.'s attention-only models
+
+
+@dataclass
+class DataConfig:
+    name: str = "shakespeare"  # shakespeare | text_file | synthetic
+    path: Optional[str] = None  # data=text_file: a UTF-8 text file
+    cache_dir: Optional[str] = None  # token-array cache; None: $INDUCTION_DYNAMICS_CACHE or ~/.cache
+    val_frac: float = 0.1
+    # repeat curriculum (curriculum.insert_repeats): a fraction of training windows carry a repeat
+    repeat_frac: float = 0.0
+    repeat_kind: str = "random"  # random | passage | mixed
+    repeat_min: int = 10
+    repeat_max: int = 26
+    synthetic_vocab_size: int = 26
+    synthetic_tokens: int = 200_000
+
+
+@dataclass
+class TrainConfig:
+    max_iters: int = 3000
+    batch_size: int = 32  # sequences per micro-step (the global batch, before any DDP split)
+    grad_accum: int = 1  # micro-steps per optimizer step
+    eval_every: int = 250
+    eval_iters: int = 20  # batches per split at each evaluation
+    log_every: int = 10
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    compile: bool = False  # torch.compile the model (checkpoints still hold plain names)
+    resume: bool = False  # continue from <run dir>/resume.pt
+    progress: bool = True  # tqdm bar with loss and tokens/s
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: Optional[int] = None  # None: max_iters (nanoGPT sets them equal)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 250
+    schedule: str = "log"  # linear: 0, every, 2*every, ..., last; log: also 1, 2, 4, 8, ...
+
+
+@dataclass
+class ProbeConfig:
+    enabled: bool = True
+    every: int = 100
+    seq_len: int = 20  # length of each half of [x, x]; 2*seq_len must fit the block
+    batch_size: int = 16
+    seed: int = 1234  # the probe's tokens are fixed for the whole run (and across seeds)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "induction-dynamics"
+    group: Optional[str] = None  # None: the experiment or sweep name
+    name: Optional[str] = None  # None: <group>-seed<seed>; the seed is always in the name
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def register_configs() -> None:
+    """Make ``base_config`` (the schema that conf/config.yaml extends) known to Hydra."""
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+register_configs()
+
+DATA_NAMES = ("shakespeare", "text_file", "synthetic")
+REPEAT_KINDS = ("random", "passage", "mixed")
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: DictConfig | Any) -> None:
+    """Raise ConfigError (one line) for the first invalid value; cheap, touches no data."""
+    m, d, t, o, c, p, w = cfg.model, cfg.data, cfg.train, cfg.optim, cfg.checkpoint, cfg.probe, cfg.wandb
+    _need(m.n_layer >= 1 and m.n_head >= 1 and m.n_embd >= 1,
+          f"model.n_layer, model.n_head and model.n_embd must be positive, got {m.n_layer}, {m.n_head}, {m.n_embd}")
+    _need(m.n_embd % m.n_head == 0,
+          f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}")
+    _need(m.block_size >= 2, f"model.block_size must be at least 2, got {m.block_size}")
+    _need(0.0 <= m.dropout < 1.0, f"model.dropout must lie in [0, 1), got {m.dropout}")
+
+    _need(d.name in DATA_NAMES, f"data.name={d.name!r} is not one of {', '.join(DATA_NAMES)}")
+    if d.name == "text_file":
+        _need(bool(d.path), "data=text_file needs data.path=<a UTF-8 text file>")
+        _need(Path(d.path).expanduser().is_file(), f"data file not found: data.path={d.path}")
+    _need(0.0 < d.val_frac < 1.0, f"data.val_frac must lie strictly between 0 and 1, got {d.val_frac}")
+    _need(0.0 <= d.repeat_frac <= 1.0, f"data.repeat_frac must lie in [0, 1], got {d.repeat_frac}")
+    _need(d.repeat_kind in REPEAT_KINDS, f"data.repeat_kind={d.repeat_kind!r} is not one of {', '.join(REPEAT_KINDS)}")
+    if d.repeat_frac > 0:
+        _need(1 <= d.repeat_min <= d.repeat_max,
+              f"data.repeat_min/repeat_max need 1 <= min <= max, got {d.repeat_min}, {d.repeat_max}")
+        _need(2 * d.repeat_max <= m.block_size + 1,
+              f"data.repeat_max={d.repeat_max} twice does not fit model.block_size={m.block_size} + 1")
+
+    for key, value in (("train.max_iters", t.max_iters), ("train.batch_size", t.batch_size),
+                       ("train.grad_accum", t.grad_accum), ("train.eval_every", t.eval_every),
+                       ("train.eval_iters", t.eval_iters), ("train.log_every", t.log_every),
+                       ("checkpoint.every", c.every), ("probe.every", p.every),
+                       ("probe.seq_len", p.seq_len), ("probe.batch_size", p.batch_size)):
+        _need(value > 0, f"{key} must be positive, got {value}")
+    _need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+          f"train.device={t.device!r} must be auto, cpu or cuda")
+
+    _need(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
+    _need(0 <= o.min_lr <= o.lr, f"optim.min_lr must lie in [0, optim.lr={o.lr}], got {o.min_lr}")
+    _need(o.warmup_iters >= 0, f"optim.warmup_iters must be non-negative, got {o.warmup_iters}")
+    if o.lr_decay_iters is not None:
+        _need(o.lr_decay_iters > o.warmup_iters,
+              f"optim.lr_decay_iters={o.lr_decay_iters} must exceed optim.warmup_iters={o.warmup_iters}")
+    _need(o.weight_decay >= 0, f"optim.weight_decay must be non-negative, got {o.weight_decay}")
+    _need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim.beta1/beta2 must lie in [0, 1), got {o.beta1}, {o.beta2}")
+    _need(o.grad_clip >= 0, f"optim.grad_clip must be non-negative (0 disables it), got {o.grad_clip}")
+
+    _need(c.schedule in ("linear", "log"), f"checkpoint.schedule={c.schedule!r} must be linear or log")
+    _need(p.seq_len >= 2, f"probe.seq_len must be at least 2, got {p.seq_len}")
+    _need(2 * p.seq_len <= m.block_size,
+          f"model.block_size={m.block_size} is shorter than the probe's repeated sequence "
+          f"(2 * probe.seq_len = {2 * p.seq_len}); lower probe.seq_len or raise model.block_size")
+    _need(w.mode in WANDB_MODES, f"wandb.mode={w.mode!r} is not one of {', '.join(WANDB_MODES)}")
+
+
+def validate_tokens(cfg, n_allowed: int) -> None:
+    """Checks that need the vocabulary: distinct tokens for the probe and for random repeats."""
+    if cfg.probe.enabled:
+        _need(cfg.probe.seq_len <= n_allowed,
+              f"probe.seq_len={cfg.probe.seq_len} exceeds the {n_allowed} distinct probe tokens of this vocabulary")
+    d = cfg.data
+    if d.repeat_frac > 0 and d.repeat_kind in ("random", "mixed"):
+        _need(d.repeat_max <= n_allowed,
+              f"data.repeat_max={d.repeat_max} exceeds the {n_allowed} distinct tokens random repeats draw from")
+
+
+def run_names(cfg, experiment: str | None = None, sweep: str | None = None) -> tuple[str, str]:
+    """W&B (group, name). group: wandb.group, else the experiment, else the sweep, else
+    ``train-<data>``, so that the seeds of one experiment or sweep overlay in one group;
+    name: wandb.name (else the group) with ``-seed<seed>`` appended unless already in it."""
+    group = cfg.wandb.group or experiment or (f"sweep-{sweep}" if sweep else None) or f"train-{cfg.data.name}"
+    name = cfg.wandb.name or group
+    if f"seed{cfg.seed}" not in name:
+        name = f"{name}-seed{cfg.seed}"
+    return group, name
+
+
+def to_plain(cfg) -> dict:
+    """The resolved config as a plain dict (what checkpoints and W&B store)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def default_config() -> DictConfig:
+    """The schema's defaults as a typed DictConfig (struct mode: unknown keys are rejected)."""
+    return OmegaConf.structured(Config)
