@@ -24,32 +24,32 @@ SHAPE = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, dropout=0.0, bias=Tr
 
 
 def make_run(run_dir: Path, seed: int, steps=(0, 5, 10, 15), *, shape: dict | None = None,
-             group: str = "test-group", iters_per_step: int = 1) -> Path:
+             group: str = "test-group", iters_per_step: int = 1, batch: int = 8, lr: float = 3e-3) -> Path:
     """Write checkpoints at ``steps`` of a tiny model trained on [x, x] sequences."""
     torch.manual_seed(seed)
     data = load_data(**DATA)
     args = {**SHAPE, **(shape or {}), "vocab_size": data.vocab_size}
     model = GPT(GPTConfig(**args))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
     T = args["block_size"]
     g = torch.Generator().manual_seed(seed)
     config = {"seed": seed, "data": DATA, "model": {k: args[k] for k in SHAPE},
-              "train": {"max_iters": max(steps), "batch_size": 8},
+              "train": {"max_iters": max(steps), "batch_size": batch},
               "wandb": {"mode": "offline", "project": "induction-dynamics-tests", "group": group,
                         "name": f"tiny-seed{seed}"}}
     done = 0
     for step in steps:
         while done < step:
             for _ in range(iters_per_step):
-                half = torch.stack([torch.randperm(data.vocab_size, generator=g)[: T // 2] for _ in range(8)])
-                x = half.repeat(1, 2)  # (8, T)
+                half = torch.stack([torch.randperm(data.vocab_size, generator=g)[: T // 2] for _ in range(batch)])
+                x = half.repeat(1, 2)  # (batch, T)
                 _, loss = model(x[:, :-1].contiguous(), x[:, 1:].contiguous())
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
             done += 1
         ckpt = {"model": model.state_dict(), "model_args": args, "iter_num": step, "step": step,
-                "tokens_seen": step * 8 * T, "vocab": data.vocab, "token_counts": data.counts.tolist(),
+                "tokens_seen": step * batch * T, "vocab": data.vocab, "token_counts": data.counts.tolist(),
                 "config": config, "val_loss": 3.0 - 0.01 * step}
         save_atomic(ckpt, history_path(run_dir, step))
     (run_dir / "config.yaml").write_text("seed: %d\n" % seed)

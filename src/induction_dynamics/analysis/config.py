@@ -35,7 +35,7 @@ class SuiteConfig:
     induction_seq_len: Optional[int] = None  # null: min(32, block_size // 2, allowed tokens)
     prefix_seq_len: Optional[int] = None     # null: min(25, block_size // 4, allowed tokens)
     text_windows: int = 16            # fixed validation windows of real text (block_size tokens)
-    icl_positions: Optional[list[int]] = None  # [early, late]; null: 50 and 500 of 1024, scaled
+    icl_positions: Optional[list[int]] = None  # [early, late]; null: metrics.icl_positions(block_size)
     patching_batch: int = 8
 
 

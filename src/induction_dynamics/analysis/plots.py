@@ -143,13 +143,17 @@ def plot_loss_icl(runs: dict, phase, loss_metric: str, out_dir: Path, formats, d
         loss = model_metric(df, loss_metric)
         if loss.empty:
             loss = model_metric(df, "val_loss")
-        ax_loss.plot(loss.index, loss.to_numpy(), marker="o", ms=3, lw=1, label=name)
+        line, = ax_loss.plot(loss.index, loss.to_numpy(), marker="o", ms=3, lw=1, label=name)
+        trainer = model_metric(df, "val_loss")
+        if loss_metric != "val_loss" and not trainer.empty:  # the trainer's own estimate, where saved
+            ax_loss.plot(trainer.index, trainer.to_numpy(), ls="--", lw=1, color=line.get_color(),
+                         label=f"{name} (trainer val_loss)")
         icl = model_metric(df, "icl_score")
         ax_icl.plot(icl.index, icl.to_numpy(), marker="o", ms=3, lw=1, label=name)
     windows = _windows(phase, "induction_score_max")
     for ax in (ax_loss, ax_icl):
         _shade(ax, windows)
-    ax_loss.set_ylabel(f"{loss_metric} (nats)")
+    ax_loss.set_ylabel("loss (nats)" if loss_metric != "val_loss" else "val_loss (nats)")
     ax_loss.set_title("Loss and in-context learning around the phase change")
     ax_icl.set_ylabel("ICL score (late - early loss)")
     ax_icl.axhline(0, color="grey", lw=0.5)
