@@ -123,3 +123,13 @@ def test_loss_measures(hand_model, probes):
         M.icl_score(hand_model, tokens, 5, 5)
     with pytest.raises(ValueError):
         M.prefix_matching_scores(hand_model, tokens[:, :10], 8)
+
+
+def test_hand_built_model_sizes():
+    from induction_dynamics.interpretability.toy_circuits import hand_built_induction_model
+
+    small = hand_built_induction_model(vocab_size=12, block_size=16)
+    tokens = M.repeated_random_tokens(torch.arange(12), 8, 4, generator=torch.Generator().manual_seed(0))
+    assert M.induction_scores(small, tokens, 8)[IND] >= 0.9
+    with pytest.raises(ValueError):
+        hand_built_induction_model(vocab_size=8, block_size=32)

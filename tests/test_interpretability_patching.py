@@ -83,6 +83,21 @@ def test_batched_equals_one_forward_per_component(which, mlp_model, trained):
     assert fast[-1].item() == pytest.approx(1.0, abs=1e-5)  # the only differing token, at the input: all of it
 
 
+@pytest.mark.parametrize("which", ["mlp", "trained"])
+def test_patch_suite_equals_the_variants(which, mlp_model, trained):
+    model = mlp_model if which == "mlp" else trained.model
+    d = data_for(model, seed=2)
+    args = (model, d.clean, d.corrupted, d.answer, d.corrupted_answer)
+    suite = ap.patch_suite(*args)
+    expected = {"resid": ap.patch_residual_by_layer(*args), "attn_out": ap.patch_attn_out_by_layer(*args),
+                "heads": ap.patch_heads(*args)}
+    if not model.config.attn_only:
+        expected["mlp_out"] = ap.patch_mlp_out_by_layer(*args)
+    assert set(suite) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(suite[name], value, atol=1e-6, rtol=0, msg=name)
+
+
 def test_run_tail_reproduces_the_forward(mlp_model):
     tokens = torch.randint(0, 32, (3, 20))
     logits, _ = mlp_model(tokens)

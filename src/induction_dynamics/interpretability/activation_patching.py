@@ -215,6 +215,31 @@ def patch_heads_by_position(model, clean, corrupted, answer=None, corrupted_answ
     return patch(model, clean, corrupted, comps, answer, corrupted_answer, **kw).reshape(L, H, T)
 
 
+def patch_suite(model, clean, corrupted, answer=None, corrupted_answer=None, *, position: int | None = -1,
+                **kw) -> dict[str, torch.Tensor]:
+    """Every per-layer and per-head variant from one setup forward and shared batches.
+
+    ``{"resid": (n_layer,), "attn_out": (n_layer,), "mlp_out": (n_layer,) [MLP models],
+    "heads": (n_layer, n_head)}``, equal to ``patch_residual_by_layer`` (at ``position``),
+    ``patch_attn_out_by_layer``, ``patch_mlp_out_by_layer`` and ``patch_heads``; cheaper than
+    calling them one by one (one clean+corrupted forward instead of four).
+    """
+    L, H = _n_layer_head(model)
+    parts = {"resid": [Component(f"transformer.h.{l}.hook_resid_post", None, position) for l in range(L)],
+             "attn_out": [Component(f"transformer.h.{l}.hook_attn_out") for l in range(L)]}
+    if not model.config.attn_only:
+        parts["mlp_out"] = [Component(f"transformer.h.{l}.hook_mlp_out") for l in range(L)]
+    parts["heads"] = [Component(f"transformer.h.{l}.attn.hook_z", h) for l in range(L) for h in range(H)]
+    effects = patch(model, clean, corrupted, [c for comps in parts.values() for c in comps],
+                    answer, corrupted_answer, **kw)
+    out, start = {}, 0
+    for name, comps in parts.items():
+        out[name] = effects[start:start + len(comps)]
+        start += len(comps)
+    out["heads"] = out["heads"].reshape(L, H)
+    return out
+
+
 def attribution_patch_heads(model, clean, corrupted, answer=None, corrupted_answer=None, *,
                             by_position: bool = False) -> torch.Tensor:
     """(n_layer, n_head) [or (n_layer, n_head, T)] first-order estimate of ``patch_heads``.
