@@ -25,7 +25,7 @@ from induction_dynamics.checkpoint import CheckpointError, load_checkpoint, mode
 from induction_dynamics.interpretability import activation_patching as ap
 from induction_dynamics.interpretability import attention_analysis as aa
 from induction_dynamics.interpretability import logit_lens, metrics
-from induction_dynamics.interpretability.patching_core import _needed_names
+from induction_dynamics.interpretability.patching_core import needed_hook_names
 from induction_dynamics.interpretability.utils import HookManager
 from induction_dynamics.model import GPT, GPTConfig
 
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     hm = HookManager(model)
     both = torch.cat([d.clean, d.corrupted])
     with torch.no_grad():
-        setup = best_of(lambda: hm.run_with_cache(both, names_filter=_needed_names(model, heads)), args.repeats)
+        setup = best_of(lambda: hm.run_with_cache(both, names_filter=needed_hook_names(model, heads)), args.repeats)
     batched = best_of(lambda: ap.patch_heads(*pair), args.repeats)
     one = best_of(lambda: ap.patch_heads(*pair, batched=False), args.repeats)
     by_pos_batched = best_of(lambda: ap.patch_heads_by_position(*pair), args.repeats)

@@ -13,13 +13,14 @@ that the clean run scores 1 and the corrupted run 0 (Wang et al. 2022; Transform
 ``patching`` module). A component's effect is the fraction of the clean behaviour it
 restores on its own.
 
-Batching: every component of a call is patched in its own slice of one big batch (the
-receiver input stacked n times), not one forward per component; components are grouped
-by layer, and a group starts from the receiver's cached residual stream at its first
-layer instead of recomputing earlier blocks. ``batched=False`` is the plain
-one-forward-per-component path (kept to check the batched one against it).
-Attribution patching (Nanda 2023) is the first-order shortcut: all heads from one forward
-and one backward pass.
+Batching: one forward runs clean and corrupted side by side (baselines, default answers,
+every activation needed); then every component is patched in its own slice of one big
+batch (the receiver stacked n times), not one forward per component. Components that
+change the residual stream at the same point (a layer's heads, say) share a batch that
+starts from the cached stream there instead of recomputing earlier blocks (details in
+``patching_core``). ``batched=False`` is the plain one-full-forward-per-component path,
+kept as the reference the batched one is tested against. Attribution patching (Nanda
+2023) is the first-order shortcut: all heads from one forward and one backward pass.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ from dataclasses import dataclass
 
 import torch
 
-from induction_dynamics.interpretability.patching_core import (  # noqa: F401  (Component is public API)
+from induction_dynamics.interpretability.patching_core import (  # noqa: F401  (Component, logit_diff: public API)
     Component,
-    _patched_logit_diffs,
-    _validate,
-    _needed_names,
     logit_diff,
+    needed_hook_names,
+    patched_logit_diffs,
+    validate_components,
 )
 from induction_dynamics.interpretability.utils import HookManager, layer_of
 
@@ -121,11 +122,11 @@ def run_patching(model, clean: torch.Tensor, corrupted: torch.Tensor, components
     if clean.shape != corrupted.shape:
         raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} differ in shape")
     hm = HookManager(model)
-    components = _validate(hm, list(components))
+    components = validate_components(hm, list(components))
     B = clean.shape[0]
     # one forward for both runs: baselines, default answers, and every activation needed
     (logits, _), cache = hm.run_with_cache(torch.cat([clean, corrupted]),
-                                                           names_filter=_needed_names(model, components))
+                                           names_filter=needed_hook_names(model, components))
     halves = {"clean": {k: v[:B] for k, v in cache.items()}, "corrupted": {k: v[B:] for k, v in cache.items()}}
     if answer is None or corrupted_answer is None:
         a, c = _answers_from_logits(logits[:B, -1], logits[B:, -1])
@@ -134,7 +135,7 @@ def run_patching(model, clean: torch.Tensor, corrupted: torch.Tensor, components
     answer, corrupted_answer = _as_answer(answer, B, clean.device), _as_answer(corrupted_answer, B, clean.device)
     clean_ld, corr_ld = logit_diff(logits, answer, corrupted_answer).tolist()
     recv_input = clean if receiver == "clean" else corrupted
-    raw = _patched_logit_diffs(model, hm, halves[donor], halves[receiver], recv_input, components, answer,
+    raw = patched_logit_diffs(model, hm, halves[donor], halves[receiver], recv_input, components, answer,
                                corrupted_answer, batched, max_rows, show_progress)
     denom = clean_ld - corr_ld
     effects = torch.full_like(raw, float("nan")) if abs(denom) < 1e-12 else (raw - corr_ld) / denom

@@ -72,7 +72,7 @@ def _mask(components: list[Component], shape: torch.Size, device) -> torch.Tenso
     return mask.unsqueeze(1)
 
 
-def _validate(hm: HookManager, components: list[Component]) -> list[Component]:
+def validate_components(hm: HookManager, components: list[Component]) -> list[Component]:
     points = hm.hook_points
     out = []
     for comp in components:
@@ -167,7 +167,7 @@ def _head_out(model, layer: int, dz: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bthd,hdc->bthc", dz, w_o)
 
 
-def _needed_names(model, components: list[Component]) -> list[str]:
+def needed_hook_names(model, components: list[Component]) -> list[str]:
     names = set()
     for c in components:
         entry = _entry(model, c.hook)
@@ -180,7 +180,7 @@ def _needed_names(model, components: list[Component]) -> list[str]:
 
 
 @torch.no_grad()
-def _patched_logit_diffs(model, hm: HookManager, donor: dict, recv: dict, recv_input: torch.Tensor,
+def patched_logit_diffs(model, hm: HookManager, donor: dict, recv: dict, recv_input: torch.Tensor,
                          components: list[Component], answer, corrupted_answer, batched: bool, max_rows: int,
                          show_progress: bool) -> torch.Tensor:
     """Raw logit difference of the receiver run with each component patched from the donor.
