@@ -230,9 +230,13 @@ def train(cfg, run_dir: str | Path | None = None, dist: DistContext | None = Non
     lr_decay_iters = o.lr_decay_iters or t.max_iters
     tokens_per_iter = t.grad_accum * t.batch_size * cfg.model.block_size
     wb = None
-    if dist.is_main:
+    if resume is not None and iter_num >= t.max_iters:
+        log.info("%s is already complete (iteration %d of %d); nothing to do", run_dir, iter_num, t.max_iters)
+    elif dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(plain))
+        tmp = run_dir / ".config.yaml.tmp"
+        tmp.write_text(OmegaConf.to_yaml(plain))
+        tmp.replace(run_dir / "config.yaml")  # atomic: analysis never reads half a config
         wb = WandbLogger(mode=cfg.wandb.mode, project=cfg.wandb.project, group=cfg.wandb.group,
                          name=cfg.wandb.name, job_type="train", config=plain, dir=run_dir)
     log.info("model: %.2fM parameters, %d tokens/iteration, device %s%s", raw_model.get_num_params() / 1e6,
@@ -275,7 +279,7 @@ def train(cfg, run_dir: str | Path | None = None, dist: DistContext | None = Non
                              metrics["train/eval_loss"])
                     if wb:
                         wb.log(metrics, step=iter_num)
-                if probe is not None and fresh and (iter_num % cfg.probe.every == 0 or last):
+                if probe is not None and dist.is_main and fresh and (iter_num % cfg.probe.every == 0 or last):
                     summary["probe"] = probe(raw_model)  # the un-compiled model: hooks need eager mode
                     if wb:
                         wb.log(summary["probe"], step=iter_num)
@@ -289,6 +293,7 @@ def train(cfg, run_dir: str | Path | None = None, dist: DistContext | None = Non
                     if iter_num in steps or is_eval:
                         save_resume(iter_num)
                 if last:
+                    summary["elapsed_s"] = time.perf_counter() - t_start  # the loop only, not W&B's finish
                     break
 
                 # ---- one optimizer step
@@ -330,8 +335,8 @@ def train(cfg, run_dir: str | Path | None = None, dist: DistContext | None = Non
             wb.summary({"final/val_loss": summary["val_loss"], "final/iter": iter_num,
                         **{f"final/{k}": v for k, v in summary["probe"].items() if k.count("/") == 1}})
             wb.finish()
-    elapsed = time.perf_counter() - t_start
-    summary.update(iter_num=iter_num, tokens_seen=tokens_seen, elapsed_s=elapsed, wandb_mode=wb.mode if wb else None,
+    elapsed = summary["elapsed_s"]
+    summary.update(iter_num=iter_num, tokens_seen=tokens_seen, wandb_mode=wb.mode if wb else None,
                    tokens_per_sec=(iter_num - start_iter) * tokens_per_iter / max(elapsed, 1e-9),
                    checkpoints=[s for s, _ in ckpt_io.list_checkpoints(run_dir)])
     return summary
