@@ -163,6 +163,10 @@ def test_attribution_patching_agrees_with_exact_patching(trained):
     by_pos = ap.attribution_patch_heads(*args, by_position=True)
     torch.testing.assert_close(by_pos.sum(-1), approx, atol=1e-5, rtol=1e-5)
     assert all(p.grad is None for p in trained.model.parameters())
+    frozen = GPT(trained.model.config)
+    frozen.load_state_dict(trained.model.state_dict())
+    frozen.eval().requires_grad_(False)
+    torch.testing.assert_close(ap.attribution_patch_heads(frozen, *args[1:]), approx)
 
 
 def test_bad_components_are_refused(trained):

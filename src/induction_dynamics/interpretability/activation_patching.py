@@ -154,6 +154,7 @@ def patch(model, clean: torch.Tensor, corrupted: torch.Tensor, components: Itera
     answer = the clean run's top prediction at the last position, corrupted_answer = the
     corrupted run's (its second choice where both agree). ``batched=False``: one full
     forward per component (the reference); ``max_rows`` caps rows per batched forward.
+    Use the model in eval mode (dropout off), as ``model_from_checkpoint`` returns it.
     """
     return run_patching(model, clean, corrupted, components, answer, corrupted_answer, **kw).effects
 
@@ -253,18 +254,25 @@ def attribution_patch_heads(model, clean, corrupted, answer=None, corrupted_answ
     whose effect saturates (a softmax downstream that flips).
     """
     B = clean.shape[0]
-    with torch.enable_grad():
-        (logits, _), cache = HookManager(model).run_with_cache(torch.cat([clean, corrupted]),
-                                                               names_filter="attn.hook_z", detach=False)
+    store: dict[str, torch.Tensor] = {}
+
+    def keep(z, hook):  # the graph must reach z even when the parameters are frozen
+        if not z.requires_grad:
+            z = z.detach().requires_grad_()
+        store[hook.name] = z
+        return z
+
+    with torch.enable_grad(), HookManager(model).hooks([("attn.hook_z", keep)]):
+        logits, _ = model(torch.cat([clean, corrupted]))
         if answer is None or corrupted_answer is None:
             a, c = _answers_from_logits(logits[:B, -1].detach(), logits[B:, -1].detach())
             answer = a if answer is None else answer
             corrupted_answer = c if corrupted_answer is None else corrupted_answer
         answer, corrupted_answer = _as_answer(answer, B, clean.device), _as_answer(corrupted_answer, B, clean.device)
         clean_ld, corr_ld = logit_diff(logits, answer, corrupted_answer)  # the two halves
-        names = sorted(cache, key=layer_of)
-        grads = torch.autograd.grad(corr_ld, [cache[n] for n in names])  # no .grad left on parameters
-    z = torch.stack([cache[n].detach() for n in names])  # (L, 2B, T, nh, hs)
+        names = sorted(store, key=layer_of)
+        grads = torch.autograd.grad(corr_ld, [store[n] for n in names])  # no .grad left on parameters
+    z = torch.stack([store[n].detach() for n in names])  # (L, 2B, T, nh, hs)
     g = torch.stack(grads)[:, B:]  # d corrupted metric / d z at the corrupted run
     est = ((z[:, :B] - z[:, B:]) * g).sum(-1)  # (L, B, T, nh)
     est = est.sum(1).permute(0, 2, 1) if by_position else est.sum((1, 2))  # (L, nh, T) or (L, nh)
