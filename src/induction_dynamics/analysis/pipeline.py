@@ -249,6 +249,9 @@ def analyze(cfg) -> dict:
                    f"in {time.perf_counter() - t0:.1f} s") if ordered else ""
     if text:
         print(text)
+    if not any(not r.table.empty for r in ordered) and not failed:
+        raise R.AnalysisError(f"no checkpoint under {root} could be read (see {R.analysis_dir(ordered[0].run_dir)}/errors.json)"
+                              if ordered else f"no checkpoints appeared under {root} before watch_timeout_s")
     if failed:
         raise R.AnalysisError(f"{len(failed)} run(s) could not be analysed: "
                               + "; ".join(f"{k}: {v}" for k, v in failed.items()))
