@@ -13,9 +13,9 @@ Evaluation and the probe draw from their own generators and run in eval mode, so
 change the training trajectory: same seed -> bitwise-identical weights on CPU, and a run
 resumed from ``resume.pt`` ends with the weights of an uninterrupted one.
 
-Distributed-ready: every rank draws the same global batch and keeps rows
-``rank::world_size``-style slice ``[rank*b:(rank+1)*b]``; files and W&B are written by the
-main rank only (``DistContext.is_main``).
+Distributed-ready: every rank draws the same global batch (train.batch_size rows) and keeps
+its slice ``[rank*b:(rank+1)*b]``, so the data order does not depend on the number of
+processes; files, W&B and the probe belong to the main rank (``DistContext.is_main``).
 """
 
 from __future__ import annotations
@@ -179,6 +179,9 @@ def train(cfg, run_dir: str | Path | None = None, dist: DistContext | None = Non
             tmp.unlink(missing_ok=True)
     if cfg.train.resume and resume_file.exists():
         resume = ckpt_io.load_checkpoint(resume_file)
+        missing = {"optimizer", "rng", "sampler", "iter_num", "tokens_seen", "config"} - set(resume)
+        if missing:
+            raise ckpt_io.CheckpointError(f"not a resume file (no {', '.join(sorted(missing))}): {resume_file}")
         cfg = _resume_config(cfg, resume["config"])
         validate(cfg)
     elif cfg.train.resume:
