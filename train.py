@@ -4,6 +4,7 @@
     python train.py model=baby_shakespeare           # nanoGPT's shakespeare_char (GPU)
     python train.py experiment=synthetic_attn_only   # attention-only model on repeated tokens
     python train.py train.resume=true hydra.run.dir=outputs/2025-01-01/12-00-00   # continue a run
+    torchrun --standalone --nproc_per_node=8 train.py model=baby_shakespeare   # DDP (docs/scaling.md)
 
 Configuration: conf/ (groups model, data, optim, checkpoint, probe, wandb, experiment), typed by
 src/induction_dynamics/config.py. Errors in the configuration or the data print one line and
@@ -16,8 +17,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from induction_dynamics.cli import main_wrapper, one_line_errors
-from induction_dynamics.config import run_names, validate
+from induction_dynamics.cli import main_wrapper, multirun_show_cfg, one_line_errors
+from induction_dynamics.config import ConfigError, run_names, validate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -33,11 +34,25 @@ def hydra_main(cfg: DictConfig) -> float | None:
         sweep = "_".join(parts[-2:])  # outputs/multirun/<date>/<time> -> <date>_<time>
     cfg.wandb.group, cfg.wandb.name = run_names(cfg, experiment=hc.runtime.choices.get("experiment"), sweep=sweep)
     validate(cfg)  # before importing torch: a bad value fails in about a second
+    from induction_dynamics import distributed
     from induction_dynamics.trainer import train
 
-    result = train(cfg, run_dir=hc.runtime.output_dir)
+    if distributed.under_torchrun() and hc.mode == RunMode.MULTIRUN:
+        raise ConfigError("torchrun runs one training; launch a sweep (-m) without torchrun")
+    # parallel jobs (joblib, submitit, torchrun ranks) share the cores: cores // processes threads each
+    distributed.set_worker_threads(hc.launcher if hc.mode == RunMode.MULTIRUN else None)
+    dist = distributed.setup(cfg.train.device)  # torchrun: join the process group; else one process
+    try:
+        run_dir = distributed.agree_run_dir(dist, hc.runtime.output_dir)  # rank 0's, on every rank
+        result = train(cfg, run_dir=run_dir, dist=dist)
+    finally:
+        distributed.cleanup(dist)
     return result["val_loss"]  # a sweeper (e.g. Optuna) can minimise it
 
 
 if __name__ == "__main__":
+    if int(os.environ.get("RANK", "0")) > 0:  # torchrun: Hydra's files come from rank 0 (docs/scaling.md)
+        from induction_dynamics.distributed import hydra_overrides_for_rank
+        sys.argv += hydra_overrides_for_rank()
+    sys.argv = multirun_show_cfg(sys.argv)  # -m ... --cfg hydra: show a sweep job's launcher config
     sys.exit(main_wrapper(hydra_main))

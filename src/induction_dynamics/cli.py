@@ -90,3 +90,36 @@ def main_wrapper(entry) -> int:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
+
+
+def multirun_show_cfg(argv: list[str]) -> list[str]:
+    """Let ``-m ... --cfg hydra`` print a sweep job's config, which Hydra itself refuses.
+
+    ``python train.py -m seed=0,1 hydra/launcher=slurm --cfg hydra`` is how a user checks a
+    launcher's settings before submitting, but Hydra accepts only one of ``--multirun`` and
+    ``--cfg``. This rewrites such a command line into the first job of the sweep in MULTIRUN
+    mode (``seed=0 hydra.mode=MULTIRUN``), which composes the same launcher, sweep dir and
+    values. Any other command line is returned unchanged.
+    """
+    multirun = {"-m", "--multirun"}
+    show = any(a in ("-c", "--cfg") or a.startswith("--cfg=") for a in argv)
+    if not show or not multirun & set(argv):
+        return argv
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    out = [argv[0], "hydra.mode=MULTIRUN"]  # first: argparse wants the overrides before the flags
+    for arg in argv[1:]:
+        if arg in multirun:
+            continue
+        try:
+            override = parser.parse_override(arg) if "=" in arg and not arg.startswith("-") else None
+        except Exception:  # not an override (e.g. a value of a flag): keep it for Hydra to judge
+            override = None
+        if override is not None and override.is_sweep_override():
+            try:
+                arg = f"{override.get_key_element()}={next(iter(override.sweep_string_iterator()))}"
+            except Exception:  # an interval sweep (Optuna) has no first value: Hydra reports it
+                pass
+        out.append(arg)
+    return out

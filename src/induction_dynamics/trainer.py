@@ -26,7 +26,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from induction_dynamics import checkpoint as ckpt_io
 from induction_dynamics.config import ConfigError, run_names, to_plain, validate, validate_tokens
 from induction_dynamics.data import BatchSampler, load_data
+from induction_dynamics.distributed import DistContext
 from induction_dynamics.interpretability.metrics import probe_token_ids
 from induction_dynamics.model import GPT, GPTConfig
 from induction_dynamics.probe import InductionProbe
@@ -52,21 +53,6 @@ RUNTIME_KEYS = ("train.resume", "train.device", "train.compile", "train.progress
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss). The message is one line."""
-
-
-@dataclass
-class DistContext:
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def my_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of a global batch (B, ...) -> (B / world_size, ...)."""
-        per = x.shape[0] // self.world_size
-        return x[self.rank * per:(self.rank + 1) * per]
 
 
 def pick_device(name: str) -> torch.device:
@@ -153,7 +139,7 @@ def _estimate_loss(model, data: torch.Tensor, cfg, dist, device, autocast, repea
         with autocast:
             _, loss = model(dist.my_rows(x).to(device), dist.my_rows(y).to(device))
         losses[k] = loss.float().item()
-    return losses.mean().item()
+    return dist.mean(losses.mean().item())  # equal shards: the mean of rank means is the global mean
 
 
 # --------------------------------------------------------------------------- train
@@ -191,7 +177,7 @@ def train(cfg, run_dir: str | Path | None = None, dist: DistContext | None = Non
                           "or choose another hydra.run.dir")
     if cfg.wandb.group is None or cfg.wandb.name is None:  # train.py fills them from Hydra's choices
         cfg.wandb.group, cfg.wandb.name = run_names(cfg)
-    device = pick_device(cfg.train.device)
+    device = dist.device or pick_device(cfg.train.device)  # under torchrun: cuda:LOCAL_RANK or cpu
     t, o = cfg.train, cfg.optim
 
     # ---- data, probe tokens (all checks done before the first file is written)
@@ -224,7 +210,9 @@ def train(cfg, run_dir: str | Path | None = None, dist: DistContext | None = Non
         set_rng_state(resume["rng"], device)
         iter_num, tokens_seen, last_val = resume["iter_num"], resume["tokens_seen"], resume.get("val_loss")
         log.info("resumed from %s at iteration %d", resume_file, iter_num)
-    model = torch.compile(raw_model) if t.compile else raw_model
+    dist.check_same(iter_num, f"the torchrun processes do not all see {resume_file} at the same iteration; "
+                              "the run directory must be on a filesystem shared by every node")
+    model = dist.wrap(torch.compile(raw_model) if t.compile else raw_model)  # DDP under torchrun
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
@@ -242,8 +230,9 @@ def train(cfg, run_dir: str | Path | None = None, dist: DistContext | None = Non
         tmp.replace(run_dir / "config.yaml")  # atomic: analysis never reads half a config
         wb = WandbLogger(mode=cfg.wandb.mode, project=cfg.wandb.project, group=cfg.wandb.group,
                          name=cfg.wandb.name, job_type="train", config=plain, dir=run_dir)
-    log.info("model: %.2fM parameters, %d tokens/iteration, device %s%s", raw_model.get_num_params() / 1e6,
-             tokens_per_iter, device, " (bf16 autocast)" if use_bf16 else "")
+    log.info("model: %.2fM parameters, %d tokens/iteration, device %s%s, %d torch threads%s",
+             raw_model.get_num_params() / 1e6, tokens_per_iter, device, " (bf16 autocast)" if use_bf16 else "",
+             torch.get_num_threads(), f", DDP over {dist.world_size} processes" if dist.enabled else "")
 
     def history(step: int, val_loss) -> dict:
         return {"model": raw_model.state_dict(), "model_args": asdict(gptconf), "iter_num": step, "step": step,
@@ -304,13 +293,15 @@ def train(cfg, run_dir: str | Path | None = None, dist: DistContext | None = Non
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 step_loss = 0.0
-                for _ in range(t.grad_accum):
+                for micro in range(t.grad_accum):
                     x, y = sampler.sample()  # (B, T) global batch, identical on every rank
-                    x, y = dist.my_rows(x).to(device), dist.my_rows(y).to(device)
-                    with autocast:
-                        _, loss = model(x, y)
-                    (loss / t.grad_accum).backward()
+                    x, y = dist.my_rows(x).to(device), dist.my_rows(y).to(device)  # (B / world_size, T)
+                    with dist.sync_grads(model, sync=micro == t.grad_accum - 1):  # DDP all-reduces once per step
+                        with autocast:
+                            _, loss = model(x, y)
+                        (loss / t.grad_accum).backward()
                     step_loss += loss.item() / t.grad_accum
+                step_loss = dist.mean(step_loss)  # every rank sees the same loss (and stops on NaN together)
                 if not math.isfinite(step_loss):
                     raise TrainingError(
                         f"loss is {step_loss} at iteration {iter_num}; stopped. The last good checkpoints are in "
