@@ -49,7 +49,9 @@ def main() -> None:
         for name, overrides in variants.items():
             out = run(overrides)
             results[name].append(out)
-            print(f"{name:>3}: {out['tokens_per_sec']:,.0f} tokens/s, {out['elapsed_s']:.1f} s, "
+            ts = out["timing_s"]
+            print(f"{name:>3}: {out['tokens_per_sec']:,.0f} tokens/s, {out['elapsed_s']:.1f} s "
+                  f"(eval {ts['eval']:.2f} s, probe {ts['probe']:.2f} s, checkpoint writes {ts['checkpoint']:.2f} s), "
                   f"{out['n_checkpoints']} history checkpoints", flush=True)
     tps = {k: statistics.median(r["tokens_per_sec"] for r in v) for k, v in results.items()}
     overhead = 100 * (tps["off"] / tps["on"] - 1)
@@ -58,6 +60,12 @@ def main() -> None:
     print(f"  checkpoints + probe on : {tps['on']:,.0f} tokens/s")
     print(f"  checkpoints + probe off: {tps['off']:,.0f} tokens/s")
     print(f"  overhead: {overhead:+.1f}% of the training time (target <= 5%)")
+    # the same from time measured inside each run: insensitive to load changing between runs
+    extra = {k: statistics.median(r["timing_s"]["probe"] + r["timing_s"]["checkpoint"] for r in v)
+             for k, v in results.items()}
+    base = statistics.median(r["elapsed_s"] for r in results["on"]) - (extra["on"] - extra["off"])
+    print(f"  probe + checkpoint writes: {extra['on']:.2f} s on, {extra['off']:.2f} s off -> "
+          f"{100 * (extra['on'] - extra['off']) / base:+.1f}% measured inside the runs")
 
 
 if __name__ == "__main__":

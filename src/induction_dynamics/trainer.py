@@ -245,6 +245,7 @@ def train(cfg, run_dir: str | Path | None = None, dist: DistContext | None = Non
         ckpt_io.save_atomic(state, resume_file)
 
     summary = {"run_dir": str(run_dir), "probe": {}, "train_loss": None, "val_loss": last_val}
+    timing = summary["timing_s"] = {"eval": 0.0, "probe": 0.0, "checkpoint": 0.0}  # seconds inside the loop
     start_iter, t_start = iter_num, time.perf_counter()
     t_log, it_log, loss_sum, loss_n = t_start, iter_num, 0.0, 0
     bar = tqdm(total=t.max_iters, initial=iter_num, disable=not (dist.is_main and t.progress), unit="it",
@@ -256,6 +257,7 @@ def train(cfg, run_dir: str | Path | None = None, dist: DistContext | None = Non
                 last = iter_num == t.max_iters
                 fresh = not (resume is not None and iter_num == start_iter)  # done before the resume file
                 is_eval = fresh and (iter_num % t.eval_every == 0 or last)
+                t0 = time.perf_counter()
                 if is_eval:
                     model.eval()
                     last_val = _estimate_loss(model, data.val, cfg, dist, device, autocast, False, allowed)
@@ -271,10 +273,12 @@ def train(cfg, run_dir: str | Path | None = None, dist: DistContext | None = Non
                              metrics["train/eval_loss"])
                     if wb:
                         wb.log(metrics, step=iter_num)
+                t1 = time.perf_counter()
                 if probe is not None and dist.is_main and fresh and (iter_num % cfg.probe.every == 0 or last):
                     summary["probe"] = probe(raw_model)  # the un-compiled model: hooks need eager mode
                     if wb:
                         wb.log(summary["probe"], step=iter_num)
+                t2 = time.perf_counter()
                 if dist.is_main and fresh and (iter_num in steps or is_eval):
                     if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
                         raise TrainingError(f"non-finite weights at iteration {iter_num}; stopped. The last good "
@@ -284,6 +288,9 @@ def train(cfg, run_dir: str | Path | None = None, dist: DistContext | None = Non
                                             ckpt_io.history_path(run_dir, iter_num))
                     if iter_num in steps or is_eval:
                         save_resume(iter_num)
+                t3 = time.perf_counter()
+                for key, dt in (("eval", t1 - t0), ("probe", t2 - t1), ("checkpoint", t3 - t2)):
+                    timing[key] += dt
                 if last:
                     summary["elapsed_s"] = time.perf_counter() - t_start  # the loop only, not W&B's finish
                     break
