@@ -7,8 +7,10 @@
 "off" = the same run with the probe disabled and history checkpoints only at 0 and the last
         step. Both keep evaluation and the resume file at each evaluation (nanoGPT's
         train.py also writes its ckpt.pt at every eval), so the difference is the price of
-        watching induction form. Runs alternate on/off to spread machine noise evenly;
-        the median tokens/s of each is reported. Target: overhead <= 5%.
+        watching induction form. Runs go on, off, off, on, ... (ABBA) so that a drifting
+        machine load cancels; the median tokens/s of each is reported. Target: overhead <= 5%.
+        The script also reports the time spent in the probe and in checkpoint writes measured
+        inside each run, which a busy machine distorts far less.
 Run it alone: another process on the same cores distorts both numbers.
 """
 
@@ -45,8 +47,9 @@ def main() -> None:
                                                "checkpoint.schedule=linear"]}
     run(common[:1] + ["train.max_iters=20"] + common[1:])  # warm-up: data cache, allocator
     results = {k: [] for k in variants}
-    for _ in range(args.repeats):
-        for name, overrides in variants.items():
+    for rep in range(args.repeats):
+        for name in (["on", "off"] if rep % 2 == 0 else ["off", "on"]):  # ABBA: load drift cancels
+            overrides = variants[name]
             out = run(overrides)
             results[name].append(out)
             ts = out["timing_s"]
