@@ -170,8 +170,9 @@ def train(cfg, run_dir: str | Path | None = None, dist: DistContext | None = Non
             raise ckpt_io.CheckpointError(f"not a resume file (no {', '.join(sorted(missing))}): {resume_file}")
         cfg = _resume_config(cfg, resume["config"])
         validate(cfg)
-    elif cfg.train.resume:
-        log.warning("train.resume=true but %s does not exist: starting from iteration 0", resume_file)
+    elif cfg.train.resume:  # "resume if there is anything to resume": a fresh run dir just starts
+        (log.warning if ckpt_io.list_checkpoints(run_dir) else log.info)(
+            "train.resume=true but %s does not exist: starting from iteration 0", resume_file)
     elif ckpt_io.list_checkpoints(run_dir):
         raise ConfigError(f"{run_dir} already holds checkpoints; continue it with train.resume=true "
                           "or choose another hydra.run.dir")
