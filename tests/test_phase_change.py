@@ -1,0 +1,122 @@
+"""The phase change, reproduced (issue 5): ``train.py experiment=quickstart`` on Shakespeare.
+
+Trains the README's quickstart (seed 0) and its one-layer control for real, through
+``train.py``, side by side on one thread each, then reads every history checkpoint back
+and measures it with the toolkit's metric functions (never the training logs):
+
+- the max induction score on ``[x, x]`` (x: distinct random tokens) goes from < 0.05 to
+  > 0.3 inside the run (the window: last checkpoint < 0.05 -> first checkpoint > 0.3);
+- the loss on the second copy of ``[x, x]`` is not below the first copy's before the
+  window, and far below it at the end;
+- the in-context-learning score (Olsson et al.: loss late in the context minus loss early,
+  on real Shakespeare validation text) is lower after the window than before it;
+- the one-layer control never reaches an induction score of 0.1 (no phase change).
+
+Slow: about 5-8 minutes on 2 free cores (docs/phase_change.md has the measured figures).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from induction_dynamics.checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint
+from induction_dynamics.data import load_data
+from induction_dynamics.interpretability import metrics as M
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBE_BATCH = 64  # [x, x] sequences per induction measurement
+TEXT_WINDOWS = 1024  # validation windows for the ICL score: its change is a few hundredths of a nat
+ICL_CHECKPOINTS = 5  # ICL before/after the window: mean over this many checkpoints (less jitter)
+
+
+def _start(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}",
+                             "wandb.mode=disabled", "train.progress=false"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@torch.no_grad()
+def curve(run_dir: Path) -> list[dict]:
+    """Toolkit metrics of every history checkpoint of ``run_dir``, in step order."""
+    ckpts = list_checkpoints(run_dir)
+    first = load_checkpoint(ckpts[0][1])
+    cfg, T = first["config"], first["model_args"]["block_size"]
+    d = cfg["data"]
+    data = load_data(d["name"], path=d["path"], cache_dir=d["cache_dir"], val_frac=d["val_frac"])
+    allowed = M.probe_token_ids(data.vocab_size, data.counts)
+    g = torch.Generator().manual_seed(2024)  # the same probes for every checkpoint
+    L = min(32, T // 2, len(allowed))
+    probe = M.repeated_random_tokens(allowed, L, PROBE_BATCH, generator=g)  # (B, 2L)
+    starts = torch.randint(0, len(data.val) - T, (TEXT_WINDOWS,), generator=g)
+    text = torch.stack([data.val[s:s + T] for s in starts.tolist()])  # (W, T) real text
+    early, late = M.icl_positions(T)
+    rows = []
+    for step, path in ckpts:
+        model = model_from_checkpoint(load_checkpoint(path))
+        first_copy, second_copy = M.repeated_sequence_loss(model, probe, L)
+        rows.append(dict(step=step, induction=M.induction_scores(model, probe, L).max().item(),
+                         first=first_copy, second=second_copy, icl=M.icl_score(model, text, early, late)))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("phase_change")
+    dirs = {"quickstart": base / "quickstart", "control": base / "control"}
+    procs = {"quickstart": _start(dirs["quickstart"], "experiment=quickstart", "seed=0"),
+             "control": _start(dirs["control"], "experiment=quickstart_1layer", "seed=0")}
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=3600)
+        assert proc.returncode == 0, f"{name} run failed:\n{out[-3000:]}"
+    return {name: curve(d) for name, d in dirs.items()}
+
+
+def window(rows: list[dict]) -> tuple[int, int]:
+    """Indices (last checkpoint with induction < 0.05 before the first > 0.3, that first one)."""
+    hi = next((i for i, r in enumerate(rows) if r["induction"] > 0.3), None)
+    assert hi is not None, f"max induction score never exceeded 0.3: {[round(r['induction'], 3) for r in rows]}"
+    lo = max((i for i in range(hi) if rows[i]["induction"] < 0.05), default=None)
+    assert lo is not None, "the induction score was never below 0.05 before it exceeded 0.3"
+    return lo, hi
+
+
+def test_induction_score_jumps_inside_the_run(runs):
+    rows = runs["quickstart"]
+    lo, hi = window(rows)
+    assert rows[0]["induction"] < 0.05
+    assert rows[lo]["step"] > 0, "the window must start after training has begun"
+    assert rows[-1]["induction"] > 0.3
+
+
+def test_second_copy_loss_drops_far_below_the_first(runs):
+    rows = runs["quickstart"]
+    lo, _ = window(rows)
+    before, end = rows[lo], rows[-1]
+    assert before["second"] > 0.9 * before["first"], f"second copy already predicted before the window: {before}"
+    assert end["second"] < 0.5 * end["first"], f"second copy not predicted at the end: {end}"
+
+
+def test_icl_score_improves_across_the_window(runs):
+    rows = runs["quickstart"]
+    lo, hi = window(rows)
+    k = ICL_CHECKPOINTS
+    before = [r["icl"] for r in rows[max(1, lo - k + 1): lo + 1]]  # skip step 0 (an untrained model)
+    after = [r["icl"] for r in rows[hi: hi + k]]
+    assert sum(after) / len(after) < sum(before) / len(before), f"ICL before {before}, after {after}"
+
+
+def test_one_layer_control_has_no_induction_head(runs):
+    control = runs["control"]
+    assert control[-1]["step"] == runs["quickstart"][-1]["step"]  # same length as the quickstart
+    worst = max(r["induction"] for r in control)
+    assert worst < 0.1, f"one-layer control reached an induction score of {worst:.3f}"
