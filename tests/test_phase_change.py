@@ -9,10 +9,11 @@ and measures it with the toolkit's metric functions (never the training logs):
 - the loss on the second copy of ``[x, x]`` is not below the first copy's before the
   window, and far below it at the end;
 - the in-context-learning score (Olsson et al.: loss late in the context minus loss early,
-  on real Shakespeare validation text) is lower after the window than before it;
+  on real Shakespeare validation text) is lower after the window than before it (by a few
+  hundredths of a nat only: docs/phase_change.md explains why and what that does not show);
 - the one-layer control never reaches an induction score of 0.1 (no phase change).
 
-Slow: about 5-8 minutes on 2 free cores (docs/phase_change.md has the measured figures).
+Slow: 6 minutes measured on a busy 2-core machine (docs/phase_change.md has the figures).
 """
 
 from __future__ import annotations
