@@ -7,7 +7,7 @@ import torch
 
 from conftest import HAND_VOCAB
 from induction_dynamics.interpretability import activation_patching as ap
-from induction_dynamics.interpretability.patching_core import _run_tail
+from induction_dynamics.interpretability.patching_core import _run_tail, prefixed_forward
 from induction_dynamics.interpretability.utils import HookManager
 from induction_dynamics.model import GPT, GPTConfig
 
@@ -177,3 +177,119 @@ def test_bad_components_are_refused(trained):
         ap.patch(trained.model, d.clean, d.corrupted, [ap.Component("transformer.h.0.hook_resid_pre", head=0)])
     with pytest.raises(ValueError, match="shape"):
         ap.patch_heads(trained.model, d.clean, d.corrupted[:, :-1])
+
+
+# ---------------------------------------------------------------------------------------
+# The fast path (patching_core.prefixed_forward): shared prefix, last query only
+# ---------------------------------------------------------------------------------------
+
+def random_model(n_layer: int, attn_only: bool, seed: int = 0) -> GPT:
+    """float64, weights large enough that every position's output depends on the input."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=16, vocab_size=24, n_layer=n_layer, n_head=2, n_embd=16,
+                          attn_only=attn_only))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model.double().eval()
+
+
+def pair_differing_at(positions: list[list[int]], T: int = 10, vocab: int = 24, seed: int = 0):
+    """clean (B, T) random; corrupted = clean with row b changed at positions[b]."""
+    gen = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, vocab, (len(positions), T), generator=gen)
+    corrupted = clean.clone()
+    for b, where in enumerate(positions):
+        for t in where:
+            corrupted[b, t] = (clean[b, t] + 1 + torch.randint(0, vocab - 1, (), generator=gen)) % vocab
+    return clean, corrupted
+
+
+def fast_components(model, T: int) -> list[ap.Component]:
+    """Every fast-path component: residual points, attn/MLP outputs, z per head and whole, at
+    every position (before the first difference, last-block ones before the last, negative)."""
+    positions = [None, *range(T), -1, -T]
+    hooks = ["hook_resid_pre", "hook_attn_out", "hook_resid_post"]
+    if not model.config.attn_only:
+        hooks += ["hook_resid_mid", "hook_mlp_out"]
+    comps = [ap.Component(f"transformer.h.{l}.{hook}", None, p)
+             for l in range(model.config.n_layer) for hook in hooks for p in positions]
+    comps += [ap.Component(f"blocks.{l}.attn.hook_z", h, p)
+              for l in range(model.config.n_layer) for h in (None, 0, 1) for p in positions]
+    return comps
+
+
+PAIRS = {  # rows' first differing positions -> the shared prefix p
+    "differs at 0 (no shared prefix)": [[0], [4], [7]],
+    "first difference varies by row": [[6, 8], [3], [5, 9]],
+    "one position, every row": [[4], [4], [4]],
+    "only the last position": [[9], [9], [9]],
+    "one row differs": [[], [2], []],
+}
+
+
+@pytest.mark.parametrize("n_layer,attn_only", [(1, False), (3, False), (1, True), (3, True)])
+@pytest.mark.parametrize("pair", list(PAIRS))
+def test_fast_path_equals_one_forward_per_component(n_layer, attn_only, pair):
+    model = random_model(n_layer, attn_only)
+    clean, corrupted = pair_differing_at(PAIRS[pair])
+    T = clean.shape[1]
+    comps = fast_components(model, T)
+    # hook-path components in the same call: q/k/v/pattern/embeddings still take masked hooks
+    comps += [ap.Component(f"transformer.h.{n_layer - 1}.attn.hook_{k}", 1, p)
+              for k in ("q", "k", "v", "pattern") for p in (None, 5)]
+    comps += [ap.Component("hook_embed", None, p) for p in (None, 2)]
+    for donor, receiver in [("clean", "corrupted"), ("corrupted", "clean")]:
+        kw = dict(donor=donor, receiver=receiver)
+        slow = ap.run_patching(model, clean, corrupted, comps, batched=False, **kw)
+        fast = ap.run_patching(model, clean, corrupted, comps, **kw)
+        small = ap.run_patching(model, clean, corrupted, comps, max_rows=7, **kw)  # one component per forward
+        assert abs(slow.clean_logit_diff - slow.corrupted_logit_diff) > 1e-3  # effects well defined
+        for run in (fast, small):
+            assert run.clean_logit_diff == pytest.approx(slow.clean_logit_diff, abs=1e-9)
+            assert run.corrupted_logit_diff == pytest.approx(slow.corrupted_logit_diff, abs=1e-9)
+            assert torch.equal(run.answer, slow.answer) and torch.equal(run.corrupted_answer, slow.corrupted_answer)
+            torch.testing.assert_close(run.effects, slow.effects, atol=1e-5, rtol=0)
+        assert (slow.effects - slow.effects[0]).abs().max() > 0.05  # not all the same: the test can fail
+
+
+def test_fast_path_when_clean_and_corrupted_are_equal():
+    model = random_model(2, False)
+    clean, _ = pair_differing_at([[], []])
+    comps = fast_components(model, clean.shape[1])
+    answer, corrupted_answer = torch.tensor([1, 2]), torch.tensor([3, 4])
+    fast = ap.run_patching(model, clean, clean, comps, answer, corrupted_answer)
+    slow = ap.run_patching(model, clean, clean, comps, answer, corrupted_answer, batched=False)
+    assert fast.clean_logit_diff == pytest.approx(slow.clean_logit_diff, abs=1e-9)
+    assert fast.effects.isnan().all() and slow.effects.isnan().all()  # nothing to restore: no normalisation
+
+
+@pytest.mark.parametrize("n_layer,attn_only", [(1, False), (3, True)])
+def test_prefixed_forward_matches_the_hooked_forward(n_layer, attn_only):
+    model = random_model(n_layer, attn_only)
+    clean, corrupted = pair_differing_at(PAIRS["first difference varies by row"])
+    B, T = clean.shape
+    pf = prefixed_forward(model, clean, corrupted)
+    assert pf.p == 3
+    (logits, _), cache = HookManager(model).run_with_cache(torch.cat([clean, corrupted]))
+    torch.testing.assert_close(pf.logits, logits[:, -1], atol=1e-10, rtol=0)
+    last = n_layer - 1
+    for (layer, name), act in pf.acts.items():
+        hook = {"pre": "hook_resid_pre", "mid": "hook_resid_mid", "post": "hook_resid_post", "z": "attn.hook_z",
+                "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out"}[name]
+        full = cache[f"transformer.h.{layer}.{hook}"]
+        want = full[:, -1:] if layer == last and name != "pre" else full[:, pf.p:]
+        torch.testing.assert_close(act, want, atol=1e-10, rtol=0, msg=f"{layer} {name}")
+    for layer in range(n_layer):  # the prefix's keys and values, shared by both runs
+        k = cache[f"transformer.h.{layer}.attn.hook_k"]
+        torch.testing.assert_close(pf.kv[layer][0], k[:B, :pf.p].transpose(1, 2), atol=1e-10, rtol=0)
+        torch.testing.assert_close(pf.kv[layer][0], k[B:, :pf.p].transpose(1, 2), atol=1e-10, rtol=0)
+
+
+def test_positions_out_of_range_are_refused(mlp_model):
+    d = data_for(mlp_model)
+    comps = [ap.Component("transformer.h.0.attn.hook_z", 0, d.clean.shape[1])]
+    for batched in (True, False):
+        with pytest.raises(IndexError):
+            ap.patch(mlp_model, d.clean, d.corrupted, comps, batched=batched)

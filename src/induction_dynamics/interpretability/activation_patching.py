@@ -13,11 +13,13 @@ that the clean run scores 1 and the corrupted run 0 (Wang et al. 2022; Transform
 ``patching`` module). A component's effect is the fraction of the clean behaviour it
 restores on its own.
 
-Batching: one forward runs clean and corrupted side by side (baselines, default answers,
-every activation needed); then every component is patched in its own slice of one big
-batch (the receiver stacked n times), not one forward per component. Components that
-change the residual stream at the same point (a layer's heads, say) share a batch that
-starts from the cached stream there instead of recomputing earlier blocks (details in
+Batching: one setup forward runs clean and corrupted side by side (baselines, default
+answers, every activation needed); then every component is patched in its own slice of one
+big batch (the receiver stacked n times), not one forward per component. For residual
+points, attention/MLP outputs and heads' z, the setup computes the positions before the
+first difference once (they are the same in both runs), every patched run starts from the
+cached stream at the component's point and covers only the positions from the first
+difference on, and the last block only the last query, which the metric reads (details in
 ``patching_core``). ``batched=False`` is the plain one-full-forward-per-component path,
 kept as the reference the batched one is tested against. Attribution patching (Nanda
 2023) is the first-order shortcut: all heads from one forward and one backward pass.
@@ -32,9 +34,12 @@ import torch
 
 from induction_dynamics.interpretability.patching_core import (  # noqa: F401  (Component, logit_diff: public API)
     Component,
+    fast_logit_diffs,
+    is_fast,
     logit_diff,
     needed_hook_names,
     patched_logit_diffs,
+    prefixed_forward,
     validate_components,
 )
 from induction_dynamics.interpretability.utils import HookManager, layer_of
@@ -124,19 +129,33 @@ def run_patching(model, clean: torch.Tensor, corrupted: torch.Tensor, components
     hm = HookManager(model)
     components = validate_components(hm, list(components))
     B = clean.shape[0]
-    # one forward for both runs: baselines, default answers, and every activation needed
-    (logits, _), cache = hm.run_with_cache(torch.cat([clean, corrupted]),
-                                           names_filter=needed_hook_names(model, components))
-    halves = {"clean": {k: v[:B] for k, v in cache.items()}, "corrupted": {k: v[B:] for k, v in cache.items()}}
+    fast = [k for k, c in enumerate(components) if batched and is_fast(model, c)]
+    hooked = sorted(set(range(len(components))) - set(fast))
+    # one setup for both runs: baselines, default answers, and every activation needed
+    if fast:  # no hooks; the shared prefix once (patching_core.prefixed_forward)
+        pf = prefixed_forward(model, clean, corrupted)
+        last = pf.logits  # (2B, V)
+    if hooked or not fast:
+        (logits, _), cache = hm.run_with_cache(torch.cat([clean, corrupted]),
+                                               names_filter=needed_hook_names(model, [components[k] for k in hooked]))
+        halves = {"clean": {k: v[:B] for k, v in cache.items()}, "corrupted": {k: v[B:] for k, v in cache.items()}}
+        if not fast:
+            last = logits[:, -1]
     if answer is None or corrupted_answer is None:
-        a, c = _answers_from_logits(logits[:B, -1], logits[B:, -1])
+        a, c = _answers_from_logits(last[:B], last[B:])
         answer = a if answer is None else answer
         corrupted_answer = c if corrupted_answer is None else corrupted_answer
     answer, corrupted_answer = _as_answer(answer, B, clean.device), _as_answer(corrupted_answer, B, clean.device)
-    clean_ld, corr_ld = logit_diff(logits, answer, corrupted_answer).tolist()
-    recv_input = clean if receiver == "clean" else corrupted
-    raw = patched_logit_diffs(model, hm, halves[donor], halves[receiver], recv_input, components, answer,
-                               corrupted_answer, batched, max_rows, show_progress)
+    clean_ld, corr_ld = logit_diff(last[:, None], answer, corrupted_answer).tolist()
+    raw = torch.empty(len(components), dtype=last.dtype)
+    if fast:
+        raw[fast] = fast_logit_diffs(model, pf, [components[k] for k in fast], donor, receiver, answer,
+                                     corrupted_answer, max_rows, show_progress)
+    if hooked:
+        recv_input = clean if receiver == "clean" else corrupted
+        raw[hooked] = patched_logit_diffs(model, hm, halves[donor], halves[receiver], recv_input,
+                                          [components[k] for k in hooked], answer, corrupted_answer, batched,
+                                          max_rows, show_progress)
     denom = clean_ld - corr_ld
     effects = torch.full_like(raw, float("nan")) if abs(denom) < 1e-12 else (raw - corr_ld) / denom
     return PatchRun(effects, clean_ld, corr_ld, answer, corrupted_answer)

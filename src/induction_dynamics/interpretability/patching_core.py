@@ -2,16 +2,29 @@
 
 The residual stream is a sum, so patching a residual point, a block's attention or MLP
 output, or one head's z is exactly "change the stream at one point, run the rest of the
-model from there". Components are grouped by that point; each group is one forward of
-the receiver's cached stream stacked once per component (slice i carries component i's
-change), and the last block is computed for the last query only, since the metric reads
-nothing else. Any other hook point (q, k, v, pattern, embeddings) is patched by a masked
-hook on the stacked batch. ``batched=False`` is the plain reference: one full forward with
-one hook per component.
+model from there". For these components the setup is ``prefixed_forward``, a forward of
+its own (no hooks) that exploits two facts:
+
+- the model is causal, so at every position before ``p``, the first position where clean
+  and corrupted differ in any row, every activation is the same in both runs: that prefix
+  is computed once, and both runs (and every patched run) only on positions >= p, their
+  queries attending to the prefix's keys and values (computed once per layer) and their
+  own. Patching anything at a position < p changes nothing;
+- the metric reads only the last position's logits, so the last block is computed for
+  the last query only (keys and values of every position), and patching a last-block
+  component at any other position changes nothing either.
+
+Components are grouped by the stream point they change; each group is one forward of the
+receiver's suffix stream stacked once per component (slice i carries component i's change)
+from there on. Any other hook point (q, k, v, pattern, embeddings) is patched by a masked
+hook on the stacked batch, from the hooked setup forward (``HookManager.run_with_cache``).
+``batched=False`` is the plain reference: that hooked setup and one full forward with one
+hook per component.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -160,24 +173,258 @@ def _run_tail(model, x: torch.Tensor, layer: int, stage: str, shortcut: bool = T
 
 
 def _head_out(model, layer: int, dz: torch.Tensor) -> torch.Tensor:
-    """(B, T, nh, C): what each head's z difference dz (B, T, nh, hs) adds to the residual."""
+    """(nh, B, T, C): what each head's z difference dz (B, T, nh, hs) adds to the residual."""
     attn = model.transformer.h[layer].attn
-    C, nh = attn.n_embd, attn.n_head
-    w_o = attn.c_proj.weight.T.reshape(nh, C // nh, C)  # (nh, hs, C); the bias cancels in a difference
-    return torch.einsum("bthd,hdc->bthc", dz, w_o)
+    B, T, nh, hs = dz.shape
+    w_o = attn.c_proj.weight.T.reshape(nh, hs, attn.n_embd)  # the bias cancels in a difference
+    return torch.bmm(dz.permute(2, 0, 1, 3).reshape(nh, B * T, hs), w_o).view(nh, B, T, -1)
+
+
+def is_fast(model, comp: Component) -> bool:
+    """Whether ``comp`` is patched from ``prefixed_forward`` (else: masked hooks)."""
+    return _entry(model, comp.hook) is not None and not (model.training and model.config.dropout > 0)
 
 
 def needed_hook_names(model, components: list[Component]) -> list[str]:
+    """What the hooked setup forward caches: each component's hook, and for a hook-path
+    component in a block the stream entering that block (its masked run starts there)."""
     names = set()
     for c in components:
-        entry = _entry(model, c.hook)
         names.add(c.hook)
-        if entry is not None:
-            names.add(_stream_name(entry[0], entry[1]))
-        elif layer_of(c.hook) is not None:
+        if not is_fast(model, c) and layer_of(c.hook) is not None:
             names.add(_stream_name(layer_of(c.hook), "pre"))
     return sorted(names)
 
+
+# ---------------------------------------------------------------------------------------
+# The fast path: a forward that computes the shared prefix once
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class Prefixed:
+    """``prefixed_forward``'s result. Rows: the clean run's B, then the corrupted run's B.
+
+    ``acts[(layer, name)]``, name in pre/mid/post (residual streams), z, attn_out,
+    mlp_out: (2B, S, ...) at positions p..T-1 (S = T - p), except the last block after its
+    attention: (2B, 1, ...), the last position only. ``kv[layer]``: the prefix's keys and
+    values (B, n_head, p, head_size), the same in both runs (None when p = 0).
+    """
+
+    p: int
+    T: int
+    kv: list
+    acts: dict
+    logits: torch.Tensor  # (2B, V) at the last position
+    mask: torch.Tensor | None  # (S, T) additive causal mask of the suffix queries
+
+
+def _ln(ln, x):
+    return F.layer_norm(x, ln.weight.shape, ln.weight, ln.bias, 1e-5)
+
+
+def _mlp(block, x):
+    mlp = block.mlp
+    h = F.gelu(F.linear(_ln(block.ln_2, x), mlp.c_fc.weight, mlp.c_fc.bias), approximate=mlp.gelu.approximate)
+    return F.linear(h, mlp.c_proj.weight, mlp.c_proj.bias)
+
+
+def _attend(q, k, v, mask):
+    """softmax(q k^T / sqrt(hs) + mask) v for (N, nh, Tq, hs) queries and (N, nh, Tk, hs) keys."""
+    N, nh, Tq, hs = q.shape
+    q, k, v = q.reshape(N * nh, Tq, hs), k.reshape(N * nh, -1, hs), v.reshape(N * nh, -1, hs)
+    scale = 1.0 / math.sqrt(hs)
+    if mask is None:
+        att = torch.bmm(q, k.transpose(1, 2)).mul_(scale)
+    else:
+        att = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=scale)
+    return torch.bmm(att.softmax(-1), v).view(N, nh, Tq, hs)
+
+
+def _suffix_block(block, x, kv, mask, n: int, last_only: bool, keep: dict | None = None, layer: int = 0):
+    """Block.forward on the suffix rows x (n*B, S, C), whose queries also see the shared
+    prefix's keys and values ``kv`` ((B, nh, p, hs) each, or None). ``last_only``: the last
+    query only, (n*B, 1, C) out. ``keep``: where to record the activations (setup)."""
+    attn = block.attn
+    N, S, C = x.shape
+    nh, hs = attn.n_head, C // attn.n_head
+    h = _ln(block.ln_1, x)
+    w, b = attn.c_attn.weight, attn.c_attn.bias
+    if last_only:
+        q = F.linear(h[:, -1:], w[:C], None if b is None else b[:C])
+        k, v = F.linear(h, w[C:], None if b is None else b[C:]).split(C, dim=2)
+    else:
+        q, k, v = F.linear(h, w, b).split(C, dim=2)
+    q = q.reshape(N, -1, nh, hs).transpose(1, 2)
+    k, v = (t.reshape(N, S, nh, hs).transpose(1, 2) for t in (k, v))  # (N, nh, S, hs)
+    if kv is not None:
+        k, v = (torch.cat([pre.repeat(n, 1, 1, 1), t], dim=2) for pre, t in zip(kv, (k, v)))
+    z = _attend(q, k, v, None if last_only else mask).transpose(1, 2)  # (N, Tq, nh, hs)
+    a = F.linear(z.reshape(N, -1, C), attn.c_proj.weight, attn.c_proj.bias)
+    x = (x[:, -1:] if last_only else x) + a
+    if keep is not None:
+        keep[(layer, "z")], keep[(layer, "attn_out")] = z, a
+    if not block.attn_only:
+        if keep is not None:
+            keep[(layer, "mid")] = x
+        m = _mlp(block, x)
+        x = x + m
+        if keep is not None:
+            keep[(layer, "mlp_out")] = m
+    if keep is not None:
+        keep[(layer, "post")] = x
+    return x
+
+
+def _unembed(model, x):
+    return F.linear(_ln(model.transformer.ln_f, x), model.lm_head.weight, model.lm_head.bias)
+
+
+@torch.no_grad()
+def prefixed_forward(model, clean: torch.Tensor, corrupted: torch.Tensor) -> Prefixed:
+    """Both runs' activations and last-position logits, the shared prefix computed once."""
+    B, T = clean.shape
+    assert T <= model.config.block_size, f"sequence length {T} > block size {model.config.block_size}"
+    differs = (clean != corrupted).any(0).nonzero()
+    p = min(int(differs[0]), T - 1) if len(differs) else T - 1  # the suffix holds the last position
+    S = T - p
+    tr, blocks = model.transformer, model.transformer.h
+    last = len(blocks) - 1
+    wte, wpe = tr.wte.weight, tr.wpe.weight[:T]
+    x = F.embedding(torch.cat([clean[:, p:], corrupted[:, p:]]), wte) + wpe[p:]  # (2B, S, C)
+    prefix = F.embedding(clean[:, :p], wte) + wpe[:p] if p else None  # (B, p, C)
+    C = x.shape[-1]
+    mask = torch.zeros(S, T, dtype=x.dtype, device=x.device).masked_fill_(
+        torch.ones(S, T, dtype=torch.bool, device=x.device).triu_(p + 1), float("-inf"))  # query p+j sees keys <= p+j
+    acts, kvs = {}, []
+    for i, block in enumerate(blocks):
+        kv = None
+        if p:
+            attn = block.attn
+            nh, hs = attn.n_head, C // attn.n_head
+            w, b = attn.c_attn.weight, attn.c_attn.bias
+            h = _ln(block.ln_1, prefix)
+            if i == last:  # nothing reads the prefix after the last block: keys and values only
+                k, v = F.linear(h, w[C:], None if b is None else b[C:]).split(C, dim=2)
+            else:
+                q, k, v = F.linear(h, w, b).split(C, dim=2)
+            kv = tuple(t.reshape(B, p, nh, hs).transpose(1, 2) for t in (k, v))
+            if i < last:
+                qp = q.reshape(B, p, nh, hs).transpose(1, 2)
+                z = F.scaled_dot_product_attention(qp, *kv, is_causal=True).transpose(1, 2)
+                prefix = prefix + F.linear(z.reshape(B, p, C), attn.c_proj.weight, attn.c_proj.bias)
+                if not block.attn_only:
+                    prefix = prefix + _mlp(block, prefix)
+        kvs.append(kv)
+        acts[(i, "pre")] = x
+        x = _suffix_block(block, x, kv, mask, 2, i == last, keep=acts, layer=i)
+    return Prefixed(p, T, kvs, acts, _unembed(model, x[:, -1]), mask)
+
+
+def _run_tail_prefixed(model, pf: Prefixed, x: torch.Tensor, layer: int, stage: str, n: int) -> torch.Tensor:
+    """Last-position logits (N, V) from suffix streams x (N = n*B, S or 1, C) at (layer, stage)."""
+    blocks = model.transformer.h
+    last = len(blocks) - 1
+    if stage == "mid":
+        x = x + _mlp(blocks[layer], x)
+    if stage != "pre":
+        layer += 1
+    for i in range(layer, last + 1):
+        x = _suffix_block(blocks[i], x, pf.kv[i], pf.mask, n, i == last)
+    return _unembed(model, x[:, -1])
+
+
+def _patched_streams(model, pf: Prefixed, layer: int, stage: str, comps: list[Component], local: list[int],
+                     d_rows: slice, r_rows: slice) -> torch.Tensor:
+    """(n*B, S_l, C): the receiver's suffix stream at (layer, stage), slice i changed by comps[i]
+    at its local (suffix) position (-1 = all)."""
+    acts = pf.acts
+    stream = acts[(layer, stage)]
+    recv = stream[r_rows]  # (B, S_l, C)
+    B, S_l, C = recv.shape
+    n, dev = len(comps), recv.device
+
+    def diff(name):
+        a = acts[(layer, name)]
+        return a[d_rows] - a[r_rows]
+
+    # what slice i adds: row src[i] of a table of donor-minus-receiver differences, (k, B, S_l, C)
+    made: dict[str, torch.Tensor] = {}
+    offsets: dict[str, int] = {}
+
+    def row(key: str) -> int:
+        if key not in offsets:
+            if key == "heads":  # (nh, B, S_l, C): what each head's z difference adds
+                made[key] = _head_out(model, layer, diff("z"))
+            elif key == "all heads":  # z patched whole: the sum over heads
+                made[key] = (made["heads"] if "heads" in made else _head_out(model, layer, diff("z"))).sum(0, keepdim=True)
+            else:  # attn_out / mlp_out
+                made[key] = diff(key)[None]
+            offsets[key] = sum(len(t) for t in made.values()) - len(made[key])
+        return offsets[key]
+
+    src, rep = [], []
+    for comp in comps:
+        short = comp.hook.rsplit(".", 1)[1]
+        rep.append(_entry(model, comp.hook)[2] == "replace")
+        if rep[-1]:
+            src.append(0)  # zeroed below, then replaced
+        elif short == "hook_z":
+            src.append(row("all heads") if comp.head is None else row("heads") + comp.head)
+        else:
+            src.append(row(short[len("hook_"):]))
+    x = recv.expand(n, B, S_l, C)
+    lp = torch.tensor(local, device=dev)
+    at = (lp[:, None] == torch.arange(S_l, device=dev)) | (lp[:, None] < 0)  # (n, S_l): where slice i changes
+    is_rep = torch.tensor(rep, device=dev)[:, None]
+    if made:
+        table = torch.cat(list(made.values())) if len(made) > 1 else next(iter(made.values()))
+        delta = table if src == list(range(len(table))) else table[torch.tensor(src, device=dev)]
+        if any(rep) or any(lo >= 0 for lo in local):  # zero outside a slice's positions and for replacements
+            delta = delta * (at & ~is_rep).to(delta.dtype)[:, None, :, None]
+        x = x + delta
+    if any(rep):  # a residual point replaced: exactly the donor's value there
+        x = torch.where((at & is_rep)[:, None, :, None], stream[d_rows], x)
+    return x.reshape(n * B, S_l, C)
+
+
+@torch.no_grad()
+def fast_logit_diffs(model, pf: Prefixed, components: list[Component], donor: str, receiver: str, answer,
+                     corrupted_answer, max_rows: int, show_progress: bool) -> torch.Tensor:
+    """Raw logit difference of the receiver run with each (fast-path) component patched from the donor."""
+    B, T = answer.shape[0], pf.T
+    rows = {"clean": slice(0, B), "corrupted": slice(B, 2 * B)}
+    d_rows, r_rows = rows[donor], rows[receiver]
+    recv_ld = logit_diff(pf.logits[r_rows, None], answer, corrupted_answer)[0]
+    out = torch.full((len(components),), recv_ld.item(), dtype=pf.logits.dtype)
+    last = model.config.n_layer - 1
+    groups: dict[tuple, list[tuple[int, int]]] = {}
+    for k, comp in enumerate(components):
+        layer, stage, _ = _entry(model, comp.hook)
+        one_pos = layer == last and stage != "pre"  # computed (and read) at the last position only
+        local = -1
+        if comp.position is not None:
+            if not -T <= comp.position < T:
+                raise IndexError(f"position {comp.position} out of range for sequence length {T}")
+            pos = comp.position % T
+            if pos < pf.p or (one_pos and pos != T - 1):
+                continue  # the same in both runs, or read by nothing: the receiver's value
+            local = 0 if one_pos else pos - pf.p
+        groups.setdefault((layer, stage), []).append((k, local))
+    per_chunk = max(1, max_rows // B)
+    chunks = [(key, items[i:i + per_chunk]) for key, items in groups.items()
+              for i in range(0, len(items), per_chunk)]
+    for (layer, stage), items in _progress(chunks, show_progress, "patching"):
+        ks = [k for k, _ in items]
+        x = _patched_streams(model, pf, layer, stage, [components[k] for k in ks], [lo for _, lo in items],
+                             d_rows, r_rows)
+        logits = _run_tail_prefixed(model, pf, x, layer, stage, len(ks))
+        out[ks] = logit_diff(logits[:, None], answer, corrupted_answer).to(out.dtype).cpu()
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# The hook path (any hook point) and the reference
+# ---------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def patched_logit_diffs(model, hm: HookManager, donor: dict, recv: dict, recv_input: torch.Tensor,
@@ -186,6 +433,7 @@ def patched_logit_diffs(model, hm: HookManager, donor: dict, recv: dict, recv_in
     """Raw logit difference of the receiver run with each component patched from the donor.
 
     ``donor``/``recv``: activations of the two runs by hook name (from one cached forward).
+    ``batched=False``: one full forward per component; else masked hooks on stacked batches.
     """
     B = recv_input.shape[0]
     out = torch.empty(len(components), dtype=next(iter(recv.values())).dtype)  # the model's dtype
@@ -209,33 +457,13 @@ def patched_logit_diffs(model, hm: HookManager, donor: dict, recv: dict, recv_in
             out[k] = logit_diff(logits, answer, corrupted_answer)[0]
         return out
 
-    groups: dict[tuple, list[int]] = {}
+    groups: dict[int | None, list[int]] = {}
     for k, comp in enumerate(components):
-        entry = _entry(model, comp.hook)
-        key = ("stream",) + entry[:2] if entry else ("hooks", layer_of(comp.hook))
-        groups.setdefault(key, []).append(k)
+        groups.setdefault(layer_of(comp.hook), []).append(k)
     per_chunk = max(1, max_rows // B)
-    chunks = [(key, ks[i:i + per_chunk]) for key, ks in groups.items() for i in range(0, len(ks), per_chunk)]
-    head_deltas: dict[int, torch.Tensor] = {}
-    for key, chunk in _progress(chunks, show_progress, "patching"):
-        comps = [components[k] for k in chunk]
-        if key[0] == "stream":
-            _, layer, stage = key
-            x = recv[_stream_name(layer, stage)].repeat(len(chunk), 1, 1).view(len(chunk), B, *recv_input.shape[1:], -1)
-            for i, comp in enumerate(comps):
-                pos = slice(None) if comp.position is None else comp.position
-                if _entry(model, comp.hook)[2] == "replace":
-                    x[i, :, pos] = donor[comp.hook][:, pos]
-                elif comp.hook.endswith("attn.hook_z"):
-                    if layer not in head_deltas:
-                        head_deltas[layer] = _head_out(model, layer, donor[comp.hook] - recv[comp.hook])
-                    d = head_deltas[layer]  # (B, T, nh, C)
-                    x[i, :, pos] += d[:, pos, comp.head] if comp.head is not None else d[:, pos].sum(-2)
-                else:
-                    x[i, :, pos] += (donor[comp.hook] - recv[comp.hook])[:, pos]
-            logits = _run_tail(model, x.flatten(0, 1), layer, stage)
-        else:  # any other hook point: stack the receiver, patch slice i in a hook, run on
-            logits = _run_with_masked_hooks(model, hm, donor, recv, recv_input, comps, key[1])
+    chunks = [(layer, ks[i:i + per_chunk]) for layer, ks in groups.items() for i in range(0, len(ks), per_chunk)]
+    for layer, chunk in _progress(chunks, show_progress, "patching"):
+        logits = _run_with_masked_hooks(model, hm, donor, recv, recv_input, [components[k] for k in chunk], layer)
         out[chunk] = logit_diff(logits, answer, corrupted_answer).cpu()
     return out
 
