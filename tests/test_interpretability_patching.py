@@ -7,7 +7,7 @@ import torch
 
 from conftest import HAND_VOCAB
 from induction_dynamics.interpretability import activation_patching as ap
-from induction_dynamics.interpretability.patching_core import _run_tail, prefixed_forward
+from induction_dynamics.interpretability.patching_core import _run_tail, prefixed_forward, validate_components
 from induction_dynamics.interpretability.utils import HookManager
 from induction_dynamics.model import GPT, GPTConfig
 
@@ -184,13 +184,18 @@ def test_bad_components_are_refused(trained):
 # ---------------------------------------------------------------------------------------
 
 def random_model(n_layer: int, attn_only: bool, seed: int = 0) -> GPT:
-    """float64, weights large enough that every position's output depends on the input."""
+    """float64, weights large enough that every position's output depends on the input, and
+    biases and layer-norm gains that are not 0 and 1 (the fast path folds biases by hand)."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(block_size=16, vocab_size=24, n_layer=n_layer, n_head=2, n_embd=16,
                           attn_only=attn_only))
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
+                p.normal_(0, 0.3)
+            elif "ln" in name and name.endswith("weight"):
+                p.normal_(1, 0.2)
+            else:
                 p.normal_(0, 0.3)
     return model.double().eval()
 
@@ -244,9 +249,11 @@ def test_fast_path_equals_one_forward_per_component(n_layer, attn_only, pair):
         kw = dict(donor=donor, receiver=receiver)
         slow = ap.run_patching(model, clean, corrupted, comps, batched=False, **kw)
         fast = ap.run_patching(model, clean, corrupted, comps, **kw)
+        # the first batch of components rides in the setup forward, the rest in forwards of their own
         small = ap.run_patching(model, clean, corrupted, comps, max_rows=7, **kw)  # one component per forward
+        some = ap.run_patching(model, clean, corrupted, comps, max_rows=40, **kw)  # 13 per forward
         assert abs(slow.clean_logit_diff - slow.corrupted_logit_diff) > 1e-3  # effects well defined
-        for run in (fast, small):
+        for run in (fast, small, some):
             assert run.clean_logit_diff == pytest.approx(slow.clean_logit_diff, abs=1e-9)
             assert run.corrupted_logit_diff == pytest.approx(slow.corrupted_logit_diff, abs=1e-9)
             assert torch.equal(run.answer, slow.answer) and torch.equal(run.corrupted_answer, slow.corrupted_answer)
@@ -265,12 +272,16 @@ def test_fast_path_when_clean_and_corrupted_are_equal():
     assert fast.effects.isnan().all() and slow.effects.isnan().all()  # nothing to restore: no normalisation
 
 
-@pytest.mark.parametrize("n_layer,attn_only", [(1, False), (3, True)])
-def test_prefixed_forward_matches_the_hooked_forward(n_layer, attn_only):
+@pytest.mark.parametrize("n_layer,attn_only", [(1, False), (3, True), (2, False)])
+@pytest.mark.parametrize("patched", [False, True])
+def test_prefixed_forward_matches_the_hooked_forward(n_layer, attn_only, patched):
     model = random_model(n_layer, attn_only)
     clean, corrupted = pair_differing_at(PAIRS["first difference varies by row"])
     B, T = clean.shape
-    pf = prefixed_forward(model, clean, corrupted)
+    # patched rows joining the same forward leave the two runs' activations alone
+    comps = validate_components(HookManager(model), fast_components(model, T)) if patched else ()
+    pf = prefixed_forward(model, clean, corrupted, comps)
+    assert (pf.first_logits.shape[0] > 0) == patched
     assert pf.p == 3
     (logits, _), cache = HookManager(model).run_with_cache(torch.cat([clean, corrupted]))
     torch.testing.assert_close(pf.logits, logits[:, -1], atol=1e-10, rtol=0)

@@ -14,13 +14,15 @@ that the clean run scores 1 and the corrupted run 0 (Wang et al. 2022; Transform
 restores on its own.
 
 Batching: one setup forward runs clean and corrupted side by side (baselines, default
-answers, every activation needed); then every component is patched in its own slice of one
-big batch (the receiver stacked n times), not one forward per component. For residual
+answers, every activation needed), and every component is patched in its own slice of a
+stacked batch (the receiver stacked n times), not one forward per component. For residual
 points, attention/MLP outputs and heads' z, the setup computes the positions before the
-first difference once (they are the same in both runs), every patched run starts from the
-cached stream at the component's point and covers only the positions from the first
-difference on, and the last block only the last query, which the metric reads (details in
-``patching_core``). ``batched=False`` is the plain one-full-forward-per-component path,
+first difference once (they are the same in both runs), a component's slice joins the
+batch at the point it changes and covers only the positions from the first difference on
+(the first batch of slices rides in the setup forward itself), and the last block runs
+for the last query only, which the metric reads (details in ``patching_core``). Other
+hook points (q, k, v, pattern, embeddings) are patched by masked hooks on a stacked
+batch. ``batched=False`` is the plain one-full-forward-per-component path,
 kept as the reference the batched one is tested against. Attribution patching (Nanda
 2023) is the first-order shortcut: all heads from one forward and one backward pass.
 """
@@ -132,8 +134,8 @@ def run_patching(model, clean: torch.Tensor, corrupted: torch.Tensor, components
     fast = [k for k, c in enumerate(components) if batched and is_fast(model, c)]
     hooked = sorted(set(range(len(components))) - set(fast))
     # one setup for both runs: baselines, default answers, and every activation needed
-    if fast:  # no hooks; the shared prefix once (patching_core.prefixed_forward)
-        pf = prefixed_forward(model, clean, corrupted)
+    if fast:  # no hooks; the shared prefix once, and the first batch of patched rows in the same forward
+        pf = prefixed_forward(model, clean, corrupted, [components[k] for k in fast], donor, receiver, max_rows)
         last = pf.logits  # (2B, V)
     if hooked or not fast:
         (logits, _), cache = hm.run_with_cache(torch.cat([clean, corrupted]),
@@ -149,8 +151,8 @@ def run_patching(model, clean: torch.Tensor, corrupted: torch.Tensor, components
     clean_ld, corr_ld = logit_diff(last[:, None], answer, corrupted_answer).tolist()
     raw = torch.empty(len(components), dtype=last.dtype)
     if fast:
-        raw[fast] = fast_logit_diffs(model, pf, [components[k] for k in fast], donor, receiver, answer,
-                                     corrupted_answer, max_rows, show_progress)
+        raw[fast] = fast_logit_diffs(model, pf, [components[k] for k in fast], answer, corrupted_answer,
+                                     show_progress)
     if hooked:
         recv_input = clean if receiver == "clean" else corrupted
         raw[hooked] = patched_logit_diffs(model, hm, halves[donor], halves[receiver], recv_input,
@@ -172,7 +174,8 @@ def patch(model, clean: torch.Tensor, corrupted: torch.Tensor, components: Itera
     clean and corrupted runs give the same logit difference). Without answers:
     answer = the clean run's top prediction at the last position, corrupted_answer = the
     corrupted run's (its second choice where both agree). ``batched=False``: one full
-    forward per component (the reference); ``max_rows`` caps rows per batched forward.
+    forward per component (the reference); ``max_rows`` caps the patched rows (components
+    x batch) per batched forward.
     Use the model in eval mode (dropout off), as ``model_from_checkpoint`` returns it.
     """
     return run_patching(model, clean, corrupted, components, answer, corrupted_answer, **kw).effects

@@ -3,7 +3,7 @@
 The residual stream is a sum, so patching a residual point, a block's attention or MLP
 output, or one head's z is exactly "change the stream at one point, run the rest of the
 model from there". For these components the setup is ``prefixed_forward``, a forward of
-its own (no hooks) that exploits two facts:
+its own (no hooks) built on two facts:
 
 - the model is causal, so at every position before ``p``, the first position where clean
   and corrupted differ in any row, every activation is the same in both runs: that prefix
@@ -11,13 +11,14 @@ its own (no hooks) that exploits two facts:
   queries attending to the prefix's keys and values (computed once per layer) and their
   own. Patching anything at a position < p changes nothing;
 - the metric reads only the last position's logits, so the last block is computed for
-  the last query only (keys and values of every position), and patching a last-block
-  component at any other position changes nothing either.
+  the last query only (its keys and values folded into that query, never formed), and
+  patching a last-block component at any other position changes nothing either.
 
-Components are grouped by the stream point they change; each group is one forward of the
-receiver's suffix stream stacked once per component (slice i carries component i's change)
-from there on. Any other hook point (q, k, v, pattern, embeddings) is patched by a masked
-hook on the stacked batch, from the hooked setup forward (``HookManager.run_with_cache``).
+Each component's copy of the receiver (slice i carries component i's change) joins the
+stacked batch at the stream point it changes, and the first batch of them (``max_rows``)
+rides in the setup forward itself; further batches start from the setup's cached streams.
+Any other hook point (q, k, v, pattern, embeddings) is patched by a masked hook on the
+stacked batch, from the hooked setup forward (``HookManager.run_with_cache``).
 ``batched=False`` is the plain reference: that hooked setup and one full forward with one
 hook per component.
 """
@@ -25,7 +26,7 @@ hook per component.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -212,10 +213,15 @@ class Prefixed:
 
     p: int
     T: int
+    B: int
     kv: list
     acts: dict
-    logits: torch.Tensor  # (2B, V) at the last position
-    mask: torch.Tensor | None  # (S, T) additive causal mask of the suffix queries
+    causal: torch.Tensor  # (T, T) additive causal mask (0 on and below the diagonal, -inf above)
+    logits: torch.Tensor | None = None  # (2B, V) at the last position
+    # patching plan: chunks of [(point, component index, item)]; the first chunk's logits come from the setup
+    chunks: list = field(default_factory=list)
+    rows: tuple = ()  # (donor rows, receiver rows) among the 2B
+    first_logits: torch.Tensor | None = None
 
 
 def _ln(ln, x):
@@ -224,130 +230,256 @@ def _ln(ln, x):
 
 def _mlp(block, x):
     mlp = block.mlp
-    h = F.gelu(F.linear(_ln(block.ln_2, x), mlp.c_fc.weight, mlp.c_fc.bias), approximate=mlp.gelu.approximate)
+    h = F.linear(_ln(block.ln_2, x), mlp.c_fc.weight, mlp.c_fc.bias)
+    torch.ops.aten.gelu_(h, approximate=mlp.gelu.approximate)  # nn.GELU in place: no second hidden-size buffer
     return F.linear(h, mlp.c_proj.weight, mlp.c_proj.bias)
-
-
-def _attend(q, k, v, mask):
-    """softmax(q k^T / sqrt(hs) + mask) v for (N, nh, Tq, hs) queries and (N, nh, Tk, hs) keys."""
-    N, nh, Tq, hs = q.shape
-    q, k, v = q.reshape(N * nh, Tq, hs), k.reshape(N * nh, -1, hs), v.reshape(N * nh, -1, hs)
-    scale = 1.0 / math.sqrt(hs)
-    if mask is None:
-        att = torch.bmm(q, k.transpose(1, 2)).mul_(scale)
-    else:
-        att = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=scale)
-    return torch.bmm(att.softmax(-1), v).view(N, nh, Tq, hs)
-
-
-def _suffix_block(block, x, kv, mask, n: int, last_only: bool, keep: dict | None = None, layer: int = 0):
-    """Block.forward on the suffix rows x (n*B, S, C), whose queries also see the shared
-    prefix's keys and values ``kv`` ((B, nh, p, hs) each, or None). ``last_only``: the last
-    query only, (n*B, 1, C) out. ``keep``: where to record the activations (setup)."""
-    attn = block.attn
-    N, S, C = x.shape
-    nh, hs = attn.n_head, C // attn.n_head
-    h = _ln(block.ln_1, x)
-    w, b = attn.c_attn.weight, attn.c_attn.bias
-    if last_only:
-        q = F.linear(h[:, -1:], w[:C], None if b is None else b[:C])
-        k, v = F.linear(h, w[C:], None if b is None else b[C:]).split(C, dim=2)
-    else:
-        q, k, v = F.linear(h, w, b).split(C, dim=2)
-    q = q.reshape(N, -1, nh, hs).transpose(1, 2)
-    k, v = (t.reshape(N, S, nh, hs).transpose(1, 2) for t in (k, v))  # (N, nh, S, hs)
-    if kv is not None:
-        k, v = (torch.cat([pre.repeat(n, 1, 1, 1), t], dim=2) for pre, t in zip(kv, (k, v)))
-    z = _attend(q, k, v, None if last_only else mask).transpose(1, 2)  # (N, Tq, nh, hs)
-    a = F.linear(z.reshape(N, -1, C), attn.c_proj.weight, attn.c_proj.bias)
-    x = (x[:, -1:] if last_only else x) + a
-    if keep is not None:
-        keep[(layer, "z")], keep[(layer, "attn_out")] = z, a
-    if not block.attn_only:
-        if keep is not None:
-            keep[(layer, "mid")] = x
-        m = _mlp(block, x)
-        x = x + m
-        if keep is not None:
-            keep[(layer, "mlp_out")] = m
-    if keep is not None:
-        keep[(layer, "post")] = x
-    return x
 
 
 def _unembed(model, x):
     return F.linear(_ln(model.transformer.ln_f, x), model.lm_head.weight, model.lm_head.bias)
 
 
-@torch.no_grad()
-def prefixed_forward(model, clean: torch.Tensor, corrupted: torch.Tensor) -> Prefixed:
-    """Both runs' activations and last-position logits, the shared prefix computed once."""
-    B, T = clean.shape
-    assert T <= model.config.block_size, f"sequence length {T} > block size {model.config.block_size}"
+def _heads(t, N: int, nh: int):
+    """(N*T, C) or (N, T, C) -> (N, nh, T, hs)."""
+    return t.reshape(N, -1, nh, t.shape[-1] // nh).transpose(1, 2)
+
+
+def _attend(q, k, v, mask):
+    """softmax(q k^T / sqrt(hs) + mask) v for (N, nh, Tq, hs) queries and (N, nh, Tk, hs) keys
+    -> (N, Tq, nh, hs), the layout of hook_z."""
+    N, nh, Tq, hs = q.shape
+    q, k, v = q.reshape(N * nh, Tq, hs), k.reshape(N * nh, -1, hs), v.reshape(N * nh, -1, hs)
+    att = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=1.0 / math.sqrt(hs))
+    return torch.bmm(att.softmax(-1), v).view(N, nh, Tq, hs).transpose(1, 2)
+
+
+def _with_prefix(kv, k, v):
+    """Suffix keys and values (N, nh, S, hs) preceded by the shared prefix's (B, nh, p, hs)."""
+    if kv is None:
+        return k, v
+    (N, nh, S, hs), (B, _, p, _) = k.shape, kv[0].shape
+    out = []
+    for pre, t in zip(kv, (k, v)):
+        both = t.new_empty(N // B, B, nh, p + S, hs)
+        both[..., :p, :] = pre  # broadcast over the stacked copies
+        both.view(N, nh, p + S, hs)[..., p:, :] = t
+        out.append(both.view(N, nh, p + S, hs))
+    return out
+
+
+def _by_prefix_row(t, B: int):
+    """(n*B, nh, ...) -> (B*nh, n, ...): the stacked copies of prefix row b side by side."""
+    n, nh = t.shape[0] // B, t.shape[1]
+    return t.reshape(n, B, nh, -1).permute(1, 2, 0, 3).reshape(B * nh, n, -1)
+
+
+def _from_prefix_row(t, B: int, nh: int):
+    """(B*nh, n, d) -> (n*B, nh, d), the inverse of ``_by_prefix_row``."""
+    n = t.shape[1]
+    return t.view(B, nh, n, -1).permute(2, 0, 1, 3).reshape(n * B, nh, -1)
+
+
+def _last_query_z(attn, h, kv):
+    """The attention heads' output z (N, 1, nh, hs) at the last query of suffix rows h =
+    ln_1(x) (N, S, C), whose keys and values also include the prefix's ``kv``.
+
+    Only the last query is needed, so the suffix's keys and values are never formed:
+    q . (W_k h_s + b_k) = (W_k^T q) . h_s + q . b_k and sum_s a_s (W_v h_s + b_v) =
+    W_v (sum_s a_s h_s) + b_v sum_s a_s (exact up to float rounding).
+    """
+    N, S, C = h.shape
+    nh, hs = attn.n_head, C // attn.n_head
+    w, b = attn.c_attn.weight, attn.c_attn.bias
+    q = F.linear(h[:, -1], w[:C], None if b is None else b[:C]).view(N, nh, hs)
+    qk = torch.bmm(q.transpose(0, 1), w[C:2 * C].view(nh, hs, C)).transpose(0, 1)  # (N, nh, C)
+    scores = torch.bmm(qk, h.transpose(1, 2))  # (N, nh, S)
+    if b is not None:
+        scores = scores + (q * b[C:2 * C].view(nh, hs)).sum(-1, keepdim=True)
+    if kv is not None:
+        B = kv[0].shape[0]
+        prefix = torch.bmm(_by_prefix_row(q, B), kv[0].reshape(B * nh, -1, hs).transpose(1, 2))  # (B*nh, n, p)
+        scores = torch.cat([_from_prefix_row(prefix, B, nh), scores], dim=-1)  # (N, nh, p + S)
+    att = scores.mul_(1.0 / math.sqrt(hs)).softmax(-1)
+    att_s = att[..., -S:]
+    u = torch.bmm(att_s, h)  # (N, nh, C)
+    z = torch.bmm(u.transpose(0, 1), w[2 * C:].view(nh, hs, C).transpose(1, 2)).transpose(0, 1)  # (N, nh, hs)
+    if b is not None:
+        z = z + b[2 * C:].view(nh, hs) * att_s.sum(-1, keepdim=True)
+    if kv is not None:
+        p = kv[1].shape[2]
+        prefix = torch.bmm(_by_prefix_row(att[..., :p], B), kv[1].reshape(B * nh, p, hs))  # (B*nh, n, hs)
+        z = z + _from_prefix_row(prefix, B, nh)
+    return z.reshape(N, 1, nh, hs)
+
+
+def _first_difference(clean: torch.Tensor, corrupted: torch.Tensor) -> int:
+    """p: the first position where any row differs, at most T - 1 (the suffix holds the last position)."""
     differs = (clean != corrupted).any(0).nonzero()
-    p = min(int(differs[0]), T - 1) if len(differs) else T - 1  # the suffix holds the last position
-    S = T - p
-    tr, blocks = model.transformer, model.transformer.h
-    last = len(blocks) - 1
-    wte, wpe = tr.wte.weight, tr.wpe.weight[:T]
-    x = F.embedding(torch.cat([clean[:, p:], corrupted[:, p:]]), wte) + wpe[p:]  # (2B, S, C)
-    prefix = F.embedding(clean[:, :p], wte) + wpe[:p] if p else None  # (B, p, C)
-    C = x.shape[-1]
-    mask = torch.zeros(S, T, dtype=x.dtype, device=x.device).masked_fill_(
-        torch.ones(S, T, dtype=torch.bool, device=x.device).triu_(p + 1), float("-inf"))  # query p+j sees keys <= p+j
-    acts, kvs = {}, []
-    for i, block in enumerate(blocks):
-        kv = None
-        if p:
-            attn = block.attn
-            nh, hs = attn.n_head, C // attn.n_head
-            w, b = attn.c_attn.weight, attn.c_attn.bias
-            h = _ln(block.ln_1, prefix)
-            if i == last:  # nothing reads the prefix after the last block: keys and values only
-                k, v = F.linear(h, w[C:], None if b is None else b[C:]).split(C, dim=2)
-            else:
-                q, k, v = F.linear(h, w, b).split(C, dim=2)
-            kv = tuple(t.reshape(B, p, nh, hs).transpose(1, 2) for t in (k, v))
-            if i < last:
-                qp = q.reshape(B, p, nh, hs).transpose(1, 2)
-                z = F.scaled_dot_product_attention(qp, *kv, is_causal=True).transpose(1, 2)
-                prefix = prefix + F.linear(z.reshape(B, p, C), attn.c_proj.weight, attn.c_proj.bias)
-                if not block.attn_only:
-                    prefix = prefix + _mlp(block, prefix)
-        kvs.append(kv)
-        acts[(i, "pre")] = x
-        x = _suffix_block(block, x, kv, mask, 2, i == last, keep=acts, layer=i)
-    return Prefixed(p, T, kvs, acts, _unembed(model, x[:, -1]), mask)
+    return min(int(differs[0]), clean.shape[1] - 1) if len(differs) else clean.shape[1] - 1
 
 
-def _run_tail_prefixed(model, pf: Prefixed, x: torch.Tensor, layer: int, stage: str, n: int) -> torch.Tensor:
-    """Last-position logits (N, V) from suffix streams x (N = n*B, S or 1, C) at (layer, stage)."""
+_KIND = {"hook_z": "z", "hook_attn_out": "attn_out", "hook_mlp_out": "mlp_out"}
+_POINTS = ("pre", "mid", "post")
+
+
+def _plan(model, components: list[Component], p: int, T: int, B: int, max_rows: int) -> list[list[tuple]]:
+    """Chunks (at most max_rows // B components each) of (point, index, (kind, head, local position))
+    in model order, for the components that change anything; the others keep the receiver's value."""
+    last = model.config.n_layer - 1
+    todo = []
+    for k, comp in enumerate(components):
+        layer, stage, kind = _entry(model, comp.hook)
+        one_pos = layer == last and stage != "pre"  # computed (and read) at the last position only
+        local = -1
+        if comp.position is not None:
+            if not -T <= comp.position < T:
+                raise IndexError(f"position {comp.position} out of range for sequence length {T}")
+            pos = comp.position % T
+            if pos < p or (one_pos and pos != T - 1):
+                continue  # the same in both runs, or read by nothing: the receiver's value
+            local = 0 if one_pos else pos - p
+        kind = kind if kind == "replace" else _KIND[comp.hook.rsplit(".", 1)[1]]
+        todo.append(((layer, _POINTS.index(stage)), k, (kind, comp.head, local)))
+    todo.sort(key=lambda t: t[0])  # model order (stable: components keep theirs within a point)
+    per_chunk = max(1, max_rows // B)
+    return [todo[i:i + per_chunk] for i in range(0, len(todo), per_chunk)]
+
+
+def _groups(chunk: list[tuple]) -> list[tuple]:
+    """[((layer, stage), [item, ...]), ...]: a chunk's items by the stream point they change."""
+    groups = []
+    for (layer, order), _, item in chunk:
+        point = (layer, _POINTS[order])
+        if not groups or groups[-1][0] != point:
+            groups.append((point, []))
+        groups[-1][1].append(item)
+    return groups
+
+
+def _forward(model, pf: Prefixed, groups: list[tuple], x: torch.Tensor | None = None) -> torch.Tensor:
+    """A stacked forward over suffix rows; returns the last-position logits of every row, (N, V).
+
+    ``x`` given: the setup. x is the flat matrix of embeddings, the prefix's B*p rows then the
+    2B baseline rows of S positions; it computes and records ``pf.kv`` and ``pf.acts``.
+    ``x`` None: patched rows only, from the first group's point. Either way each group's
+    patched rows (``_patched_streams``) join the batch at their stream point.
+    """
     blocks = model.transformer.h
-    last = len(blocks) - 1
-    if stage == "mid":
-        x = x + _mlp(blocks[layer], x)
-    if stage != "pre":
-        layer += 1
-    for i in range(layer, last + 1):
-        x = _suffix_block(blocks[i], x, pf.kv[i], pf.mask, n, i == last)
+    last, B, S, p = len(blocks) - 1, pf.B, pf.T - pf.p, pf.p
+    setup = x is not None
+    P = B * p if setup else 0  # prefix rows in x (before the last block's attention)
+    acts, g = pf.acts, 0
+
+    def join(x, layer, stage):
+        nonlocal g
+        while g < len(groups) and groups[g][0] == (layer, stage):
+            new = _patched_streams(model, pf, layer, stage, groups[g][1])
+            if layer < last or stage == "pre":
+                new = new.reshape(-1, new.shape[-1])  # flat, like x
+            x = new if x is None else torch.cat([x, new])
+            g += 1
+        return x
+
+    def keep(t):  # the 2B baseline rows, of flat rows (R, C) or of last-position rows (Ns, 1, C)
+        return t[:2 * B] if t.dim() == 3 else t[P:P + 2 * B * S].view(2 * B, S, -1)
+
+    for i in range(0 if setup else groups[0][0][0], last + 1):
+        block = blocks[i]
+        attn, nh = block.attn, block.attn.n_head
+
+        if setup:
+            acts[(i, "pre")] = keep(x)
+        x = join(x, i, "pre")
+        if x is not None:  # the attention half of the block
+            C = x.shape[-1]
+            Ns = (x.shape[0] - P) // S  # suffix rows
+            h = _ln(block.ln_1, x)
+            w, b = attn.c_attn.weight, attn.c_attn.bias
+            if i == last:
+                if setup:  # the prefix's keys and values, shared by every row
+                    k, v = F.linear(h[:P], w[C:], None if b is None else b[C:]).split(C, dim=-1)
+                    pf.kv.append((_heads(k, B, nh), _heads(v, B, nh)) if p else None)
+                z = _last_query_z(attn, h[P:].view(Ns, S, C), pf.kv[i])  # (Ns, 1, nh, hs)
+                a = F.linear(z.reshape(Ns, 1, C), attn.c_proj.weight, attn.c_proj.bias)
+                x = x[P:].view(Ns, S, C)[:, -1:] + a
+            else:
+                q, k, v = F.linear(h, w, b).split(C, dim=-1)
+                if setup:
+                    pf.kv.append((_heads(k[:P], B, nh), _heads(v[:P], B, nh)) if p else None)
+                kv = pf.kv[i]
+                z = _attend(_heads(q[P:], Ns, nh), *_with_prefix(kv, _heads(k[P:], Ns, nh), _heads(v[P:], Ns, nh)),
+                            pf.causal[p:])  # (Ns, S, nh, hs)
+                zf = z.reshape(Ns * S, C)
+                if P:  # the prefix's own attention, causal among its positions
+                    zp = _attend(_heads(q[:P], B, nh), *kv, pf.causal[:p, :p])
+                    zf = torch.cat([zp.reshape(P, C), zf])
+                a = F.linear(zf, attn.c_proj.weight, attn.c_proj.bias)
+                x = x + a
+            if setup:
+                acts[(i, "z")], acts[(i, "attn_out")] = z[:2 * B], keep(a)
+        if not block.attn_only:
+            if setup:
+                acts[(i, "mid")] = keep(x)
+            x = join(x, i, "mid")
+            if x is not None:
+                m = _mlp(block, x)
+                if setup:
+                    acts[(i, "mlp_out")] = keep(m)
+                x = x + m
+        if setup:
+            acts[(i, "post")] = keep(x)
+        x = join(x, i, "post")
     return _unembed(model, x[:, -1])
 
 
-def _patched_streams(model, pf: Prefixed, layer: int, stage: str, comps: list[Component], local: list[int],
-                     d_rows: slice, r_rows: slice) -> torch.Tensor:
-    """(n*B, S_l, C): the receiver's suffix stream at (layer, stage), slice i changed by comps[i]
-    at its local (suffix) position (-1 = all)."""
-    acts = pf.acts
+def _causal(T: int, like: torch.Tensor) -> torch.Tensor:
+    """(T, T) additive causal mask: 0 on and below the diagonal, -inf above."""
+    return torch.zeros(T, T, dtype=like.dtype, device=like.device).masked_fill_(
+        torch.ones(T, T, dtype=torch.bool, device=like.device).triu_(1), float("-inf"))
+
+
+@torch.no_grad()
+def prefixed_forward(model, clean: torch.Tensor, corrupted: torch.Tensor, components: list[Component] = (),
+                     donor: str = "clean", receiver: str = "corrupted", max_rows: int = 2048) -> Prefixed:
+    """Both runs' activations and last-position logits, the shared prefix computed once; the
+    first chunk of ``components`` (fast-path ones) is patched in the same forward.
+
+    p = the first position where any row of clean and corrupted differs (at most T - 1).
+    Per-position work runs on one flat matrix of rows: the prefix's B*p, then the suffix's
+    2B*S (clean rows, then corrupted), then the patched rows as they join.
+    """
+    B, T = clean.shape
+    assert T <= model.config.block_size, f"sequence length {T} > block size {model.config.block_size}"
+    p = _first_difference(clean, corrupted)
+    S = T - p
+    tr = model.transformer
+    pos = torch.arange(T, device=clean.device)
+    tokens = torch.cat([clean[:, :p].reshape(-1), clean[:, p:].reshape(-1), corrupted[:, p:].reshape(-1)])
+    x = F.embedding(tokens, tr.wte.weight) + F.embedding(torch.cat([pos[:p].repeat(B), pos[p:].repeat(2 * B)]),
+                                                         tr.wpe.weight)  # (B*p + 2B*S, C)
+    rows = {"clean": slice(0, B), "corrupted": slice(B, 2 * B)}
+    pf = Prefixed(p, T, B, [], {}, _causal(T, x), rows=(rows[donor], rows[receiver]))
+    pf.chunks = _plan(model, list(components), p, T, B, max_rows)
+    logits = _forward(model, pf, _groups(pf.chunks[0]) if pf.chunks else [], x)
+    pf.logits, pf.first_logits = logits[:2 * B], logits[2 * B:]
+    return pf
+
+
+def _patched_streams(model, pf: Prefixed, layer: int, stage: str, items: list[tuple]) -> torch.Tensor:
+    """(n*B, S_l, C): the receiver's suffix stream at (layer, stage), slice i changed by items[i]
+    = (kind, head, local position (-1 = all)), kind "replace" or the term it changes: "z",
+    "attn_out", "mlp_out"."""
+    acts, (d_rows, r_rows) = pf.acts, pf.rows
     stream = acts[(layer, stage)]
     recv = stream[r_rows]  # (B, S_l, C)
     B, S_l, C = recv.shape
-    n, dev = len(comps), recv.device
+    n, dev = len(items), recv.device
 
     def diff(name):
         a = acts[(layer, name)]
         return a[d_rows] - a[r_rows]
 
-    # what slice i adds: row src[i] of a table of donor-minus-receiver differences, (k, B, S_l, C)
+    # what slice i adds: row src[i] of a table of donor-minus-receiver differences (k, B, S_l, C)
     made: dict[str, torch.Tensor] = {}
     offsets: dict[str, int] = {}
 
@@ -362,24 +494,20 @@ def _patched_streams(model, pf: Prefixed, layer: int, stage: str, comps: list[Co
             offsets[key] = sum(len(t) for t in made.values()) - len(made[key])
         return offsets[key]
 
-    src, rep = [], []
-    for comp in comps:
-        short = comp.hook.rsplit(".", 1)[1]
-        rep.append(_entry(model, comp.hook)[2] == "replace")
-        if rep[-1]:
-            src.append(0)  # zeroed below, then replaced
-        elif short == "hook_z":
-            src.append(row("all heads") if comp.head is None else row("heads") + comp.head)
-        else:
-            src.append(row(short[len("hook_"):]))
+    src = [0 if kind == "replace" else row(("all heads" if head is None else "heads") if kind == "z" else kind)
+           + (head or 0) * (kind == "z") for kind, head, _ in items]
+    rep = [kind == "replace" for kind, _, _ in items]
+    local = [lo for _, _, lo in items]
+    at = None
+    if any(rep) or any(lo >= 0 for lo in local):
+        lp = torch.tensor(local, device=dev)
+        at = (lp[:, None] == torch.arange(S_l, device=dev)) | (lp[:, None] < 0)  # (n, S_l): where slice i changes
+        is_rep = torch.tensor(rep, device=dev)[:, None]
     x = recv.expand(n, B, S_l, C)
-    lp = torch.tensor(local, device=dev)
-    at = (lp[:, None] == torch.arange(S_l, device=dev)) | (lp[:, None] < 0)  # (n, S_l): where slice i changes
-    is_rep = torch.tensor(rep, device=dev)[:, None]
     if made:
         table = torch.cat(list(made.values())) if len(made) > 1 else next(iter(made.values()))
         delta = table if src == list(range(len(table))) else table[torch.tensor(src, device=dev)]
-        if any(rep) or any(lo >= 0 for lo in local):  # zero outside a slice's positions and for replacements
+        if at is not None:  # zero outside a slice's positions, and for replacements
             delta = delta * (at & ~is_rep).to(delta.dtype)[:, None, :, None]
         x = x + delta
     if any(rep):  # a residual point replaced: exactly the donor's value there
@@ -388,37 +516,16 @@ def _patched_streams(model, pf: Prefixed, layer: int, stage: str, comps: list[Co
 
 
 @torch.no_grad()
-def fast_logit_diffs(model, pf: Prefixed, components: list[Component], donor: str, receiver: str, answer,
-                     corrupted_answer, max_rows: int, show_progress: bool) -> torch.Tensor:
-    """Raw logit difference of the receiver run with each (fast-path) component patched from the donor."""
-    B, T = answer.shape[0], pf.T
-    rows = {"clean": slice(0, B), "corrupted": slice(B, 2 * B)}
-    d_rows, r_rows = rows[donor], rows[receiver]
-    recv_ld = logit_diff(pf.logits[r_rows, None], answer, corrupted_answer)[0]
+def fast_logit_diffs(model, pf: Prefixed, components: list[Component], answer, corrupted_answer,
+                     show_progress: bool) -> torch.Tensor:
+    """Raw logit difference of the receiver run with each of ``components`` (the ones
+    ``prefixed_forward`` planned) patched from the donor."""
+    recv_ld = logit_diff(pf.logits[pf.rows[1], None], answer, corrupted_answer)[0]
     out = torch.full((len(components),), recv_ld.item(), dtype=pf.logits.dtype)
-    last = model.config.n_layer - 1
-    groups: dict[tuple, list[tuple[int, int]]] = {}
-    for k, comp in enumerate(components):
-        layer, stage, _ = _entry(model, comp.hook)
-        one_pos = layer == last and stage != "pre"  # computed (and read) at the last position only
-        local = -1
-        if comp.position is not None:
-            if not -T <= comp.position < T:
-                raise IndexError(f"position {comp.position} out of range for sequence length {T}")
-            pos = comp.position % T
-            if pos < pf.p or (one_pos and pos != T - 1):
-                continue  # the same in both runs, or read by nothing: the receiver's value
-            local = 0 if one_pos else pos - pf.p
-        groups.setdefault((layer, stage), []).append((k, local))
-    per_chunk = max(1, max_rows // B)
-    chunks = [(key, items[i:i + per_chunk]) for key, items in groups.items()
-              for i in range(0, len(items), per_chunk)]
-    for (layer, stage), items in _progress(chunks, show_progress, "patching"):
-        ks = [k for k, _ in items]
-        x = _patched_streams(model, pf, layer, stage, [components[k] for k in ks], [lo for _, lo in items],
-                             d_rows, r_rows)
-        logits = _run_tail_prefixed(model, pf, x, layer, stage, len(ks))
-        out[ks] = logit_diff(logits[:, None], answer, corrupted_answer).to(out.dtype).cpu()
+    for i in _progress(range(len(pf.chunks)), show_progress, "patching"):
+        chunk = pf.chunks[i]
+        logits = pf.first_logits if i == 0 else _forward(model, pf, _groups(chunk))
+        out[[k for _, k, _ in chunk]] = logit_diff(logits[:, None], answer, corrupted_answer).to(out.dtype).cpu()
     return out
 
 
@@ -485,7 +592,8 @@ def _run_with_masked_hooks(model, hm, donor, recv, recv_input, comps: list[Compo
         if layer is None:  # embedding hooks: the whole model
             return model(recv_input.repeat(n, 1))[0]
         x = recv[_stream_name(layer, "pre")]
-        return _run_tail(model, x.repeat(n, 1, 1), layer, "pre", shortcut=False)
+        # the last block for the last query only, unless the hooks are in it
+        return _run_tail(model, x.repeat(n, 1, 1), layer, "pre", shortcut=layer < model.config.n_layer - 1)
 
 
 def _progress(iterable, show: bool, desc: str):
