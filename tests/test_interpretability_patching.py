@@ -272,6 +272,20 @@ def test_fast_path_when_clean_and_corrupted_are_equal():
     assert fast.effects.isnan().all() and slow.effects.isnan().all()  # nothing to restore: no normalisation
 
 
+def test_components_that_change_nothing_cost_no_forward():
+    model = random_model(2, False)
+    clean, corrupted = pair_differing_at(PAIRS["first difference varies by row"])  # p = 3
+    comps = [ap.Component("transformer.h.0.attn.hook_z", 1, 2), ap.Component("transformer.h.1.hook_resid_pre", None, 0),
+             ap.Component("transformer.h.1.hook_mlp_out", None, 5)]  # before p; last block, not the last position
+    comps = validate_components(HookManager(model), comps)
+    assert prefixed_forward(model, clean, corrupted, comps).chunks == []
+    for kw in (dict(), dict(donor="corrupted", receiver="clean")):
+        fast = ap.run_patching(model, clean, corrupted, comps, **kw)
+        slow = ap.run_patching(model, clean, corrupted, comps, batched=False, **kw)
+        torch.testing.assert_close(fast.effects, slow.effects, atol=1e-9, rtol=0)
+        assert fast.effects.tolist() == ([1.0] * 3 if kw else [0.0] * 3)  # the receiver's own value
+
+
 @pytest.mark.parametrize("n_layer,attn_only", [(1, False), (3, True), (2, False)])
 @pytest.mark.parametrize("patched", [False, True])
 def test_prefixed_forward_matches_the_hooked_forward(n_layer, attn_only, patched):
@@ -281,7 +295,7 @@ def test_prefixed_forward_matches_the_hooked_forward(n_layer, attn_only, patched
     # patched rows joining the same forward leave the two runs' activations alone
     comps = validate_components(HookManager(model), fast_components(model, T)) if patched else ()
     pf = prefixed_forward(model, clean, corrupted, comps)
-    assert (pf.first_logits.shape[0] > 0) == patched
+    assert (len(pf.all_logits) > 2 * B) == patched
     assert pf.p == 3
     (logits, _), cache = HookManager(model).run_with_cache(torch.cat([clean, corrupted]))
     torch.testing.assert_close(pf.logits, logits[:, -1], atol=1e-10, rtol=0)
@@ -292,10 +306,13 @@ def test_prefixed_forward_matches_the_hooked_forward(n_layer, attn_only, patched
         full = cache[f"transformer.h.{layer}.{hook}"]
         want = full[:, -1:] if layer == last and name != "pre" else full[:, pf.p:]
         torch.testing.assert_close(act, want, atol=1e-10, rtol=0, msg=f"{layer} {name}")
-    for layer in range(n_layer):  # the prefix's keys and values, shared by both runs
+    for layer in range(n_layer - 1):  # the prefix's keys and values, shared by both runs
         k = cache[f"transformer.h.{layer}.attn.hook_k"]
         torch.testing.assert_close(pf.kv[layer][0], k[:B, :pf.p].transpose(1, 2), atol=1e-10, rtol=0)
         torch.testing.assert_close(pf.kv[layer][0], k[B:, :pf.p].transpose(1, 2), atol=1e-10, rtol=0)
+    assert len(pf.kv) == n_layer - 1
+    resid = cache[f"transformer.h.{last}.hook_resid_pre"]  # the last block: the prefix's ln_1(x)
+    torch.testing.assert_close(pf.last_prefix, model.transformer.h[last].ln_1(resid[B:, :pf.p]), atol=1e-10, rtol=0)
 
 
 def test_positions_out_of_range_are_refused(mlp_model):

@@ -148,11 +148,13 @@ def run_patching(model, clean: torch.Tensor, corrupted: torch.Tensor, components
         answer = a if answer is None else answer
         corrupted_answer = c if corrupted_answer is None else corrupted_answer
     answer, corrupted_answer = _as_answer(answer, B, clean.device), _as_answer(corrupted_answer, B, clean.device)
-    clean_ld, corr_ld = logit_diff(last[:, None], answer, corrupted_answer).tolist()
     raw = torch.empty(len(components), dtype=last.dtype)
     if fast:
-        raw[fast] = fast_logit_diffs(model, pf, [components[k] for k in fast], answer, corrupted_answer,
-                                     show_progress)
+        raw[fast], baselines = fast_logit_diffs(model, pf, [components[k] for k in fast], answer, corrupted_answer,
+                                                show_progress)
+    else:
+        baselines = logit_diff(last[:, None], answer, corrupted_answer)
+    clean_ld, corr_ld = baselines.tolist()
     if hooked:
         recv_input = clean if receiver == "clean" else corrupted
         raw[hooked] = patched_logit_diffs(model, hm, halves[donor], halves[receiver], recv_input,

@@ -207,8 +207,9 @@ class Prefixed:
 
     ``acts[(layer, name)]``, name in pre/mid/post (residual streams), z, attn_out,
     mlp_out: (2B, S, ...) at positions p..T-1 (S = T - p), except the last block after its
-    attention: (2B, 1, ...), the last position only. ``kv[layer]``: the prefix's keys and
-    values (B, n_head, p, head_size), the same in both runs (None when p = 0).
+    attention: (2B, 1, ...), the last position only. ``kv[layer]`` (layers before the last):
+    the prefix's keys and values (B, n_head, p, head_size), the same in both runs;
+    ``last_prefix``: the prefix's ln_1(x) in the last block (B, p, C). None when p = 0.
     """
 
     p: int
@@ -217,11 +218,13 @@ class Prefixed:
     kv: list
     acts: dict
     causal: torch.Tensor  # (T, T) additive causal mask (0 on and below the diagonal, -inf above)
+    last_prefix: torch.Tensor | None = None
     logits: torch.Tensor | None = None  # (2B, V) at the last position
-    # patching plan: chunks of [(point, component index, item)]; the first chunk's logits come from the setup
+    # patching plan: chunks of [(point, component index, item)]; the first chunk rides in the setup:
+    # all_logits = the 2B baseline rows' logits, then that chunk's patched rows'
     chunks: list = field(default_factory=list)
     rows: tuple = ()  # (donor rows, receiver rows) among the 2B
-    first_logits: torch.Tensor | None = None
+    all_logits: torch.Tensor | None = None
 
 
 def _ln(ln, x):
@@ -267,48 +270,33 @@ def _with_prefix(kv, k, v):
     return out
 
 
-def _by_prefix_row(t, B: int):
-    """(n*B, nh, ...) -> (B*nh, n, ...): the stacked copies of prefix row b side by side."""
-    n, nh = t.shape[0] // B, t.shape[1]
-    return t.reshape(n, B, nh, -1).permute(1, 2, 0, 3).reshape(B * nh, n, -1)
+def _last_query_z(attn, h, prefix):
+    """The heads' output z (N, 1, nh, hs) at the last query of suffix rows h = ln_1(x)
+    (N, S, C) that follow the shared ``prefix``'s ln_1(x) (B, p, C; or None).
 
-
-def _from_prefix_row(t, B: int, nh: int):
-    """(B*nh, n, d) -> (n*B, nh, d), the inverse of ``_by_prefix_row``."""
-    n = t.shape[1]
-    return t.view(B, nh, n, -1).permute(2, 0, 1, 3).reshape(n * B, nh, -1)
-
-
-def _last_query_z(attn, h, kv):
-    """The attention heads' output z (N, 1, nh, hs) at the last query of suffix rows h =
-    ln_1(x) (N, S, C), whose keys and values also include the prefix's ``kv``.
-
-    Only the last query is needed, so the suffix's keys and values are never formed:
-    q . (W_k h_s + b_k) = (W_k^T q) . h_s + q . b_k and sum_s a_s (W_v h_s + b_v) =
-    W_v (sum_s a_s h_s) + b_v sum_s a_s (exact up to float rounding).
+    Only the last query is needed, so no key or value is formed: q . (W_k h_s + b_k) =
+    (W_k^T q) . h_s + q . b_k and sum_s a_s (W_v h_s + b_v) = W_v (sum_s a_s h_s) + b_v
+    (the weights sum to 1; exact up to float rounding).
     """
     N, S, C = h.shape
     nh, hs = attn.n_head, C // attn.n_head
     w, b = attn.c_attn.weight, attn.c_attn.bias
     q = F.linear(h[:, -1], w[:C], None if b is None else b[:C]).view(N, nh, hs)
     qk = torch.bmm(q.transpose(0, 1), w[C:2 * C].view(nh, hs, C)).transpose(0, 1)  # (N, nh, C)
-    scores = torch.bmm(qk, h.transpose(1, 2))  # (N, nh, S)
+    if prefix is not None:  # every position's ln_1(x), (N, T, C)
+        B, p, _ = prefix.shape
+        full = h.new_empty(N // B, B, p + S, C)
+        full[:, :, :p] = prefix  # broadcast over the stacked copies
+        full = full.view(N, p + S, C)
+        full[:, p:] = h
+        h = full
+    scores = torch.bmm(qk, h.transpose(1, 2))  # (N, nh, T)
     if b is not None:
         scores = scores + (q * b[C:2 * C].view(nh, hs)).sum(-1, keepdim=True)
-    if kv is not None:
-        B = kv[0].shape[0]
-        prefix = torch.bmm(_by_prefix_row(q, B), kv[0].reshape(B * nh, -1, hs).transpose(1, 2))  # (B*nh, n, p)
-        scores = torch.cat([_from_prefix_row(prefix, B, nh), scores], dim=-1)  # (N, nh, p + S)
     att = scores.mul_(1.0 / math.sqrt(hs)).softmax(-1)
-    att_s = att[..., -S:]
-    u = torch.bmm(att_s, h)  # (N, nh, C)
-    z = torch.bmm(u.transpose(0, 1), w[2 * C:].view(nh, hs, C).transpose(1, 2)).transpose(0, 1)  # (N, nh, hs)
+    z = torch.bmm(torch.bmm(att, h).transpose(0, 1), w[2 * C:].view(nh, hs, C).transpose(1, 2)).transpose(0, 1)
     if b is not None:
-        z = z + b[2 * C:].view(nh, hs) * att_s.sum(-1, keepdim=True)
-    if kv is not None:
-        p = kv[1].shape[2]
-        prefix = torch.bmm(_by_prefix_row(att[..., :p], B), kv[1].reshape(B * nh, p, hs))  # (B*nh, n, hs)
-        z = z + _from_prefix_row(prefix, B, nh)
+        z = z + b[2 * C:].view(nh, hs)
     return z.reshape(N, 1, nh, hs)
 
 
@@ -386,7 +374,6 @@ def _forward(model, pf: Prefixed, groups: list[tuple], x: torch.Tensor | None = 
     for i in range(0 if setup else groups[0][0][0], last + 1):
         block = blocks[i]
         attn, nh = block.attn, block.attn.n_head
-
         if setup:
             acts[(i, "pre")] = keep(x)
         x = join(x, i, "pre")
@@ -396,10 +383,9 @@ def _forward(model, pf: Prefixed, groups: list[tuple], x: torch.Tensor | None = 
             h = _ln(block.ln_1, x)
             w, b = attn.c_attn.weight, attn.c_attn.bias
             if i == last:
-                if setup:  # the prefix's keys and values, shared by every row
-                    k, v = F.linear(h[:P], w[C:], None if b is None else b[C:]).split(C, dim=-1)
-                    pf.kv.append((_heads(k, B, nh), _heads(v, B, nh)) if p else None)
-                z = _last_query_z(attn, h[P:].view(Ns, S, C), pf.kv[i])  # (Ns, 1, nh, hs)
+                if setup:  # what the last block needs of the prefix: its ln_1(x), for keys and values
+                    pf.last_prefix = h[:P].view(B, p, C) if p else None
+                z = _last_query_z(attn, h[P:].view(Ns, S, C), pf.last_prefix)  # (Ns, 1, nh, hs)
                 a = F.linear(z.reshape(Ns, 1, C), attn.c_proj.weight, attn.c_proj.bias)
                 x = x[P:].view(Ns, S, C)[:, -1:] + a
             else:
@@ -460,8 +446,8 @@ def prefixed_forward(model, clean: torch.Tensor, corrupted: torch.Tensor, compon
     rows = {"clean": slice(0, B), "corrupted": slice(B, 2 * B)}
     pf = Prefixed(p, T, B, [], {}, _causal(T, x), rows=(rows[donor], rows[receiver]))
     pf.chunks = _plan(model, list(components), p, T, B, max_rows)
-    logits = _forward(model, pf, _groups(pf.chunks[0]) if pf.chunks else [], x)
-    pf.logits, pf.first_logits = logits[:2 * B], logits[2 * B:]
+    pf.all_logits = _forward(model, pf, _groups(pf.chunks[0]) if pf.chunks else [], x)
+    pf.logits = pf.all_logits[:2 * B]
     return pf
 
 
@@ -517,16 +503,17 @@ def _patched_streams(model, pf: Prefixed, layer: int, stage: str, items: list[tu
 
 @torch.no_grad()
 def fast_logit_diffs(model, pf: Prefixed, components: list[Component], answer, corrupted_answer,
-                     show_progress: bool) -> torch.Tensor:
+                     show_progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw logit difference of the receiver run with each of ``components`` (the ones
-    ``prefixed_forward`` planned) patched from the donor."""
-    recv_ld = logit_diff(pf.logits[pf.rows[1], None], answer, corrupted_answer)[0]
-    out = torch.full((len(components),), recv_ld.item(), dtype=pf.logits.dtype)
+    ``prefixed_forward`` planned) patched from the donor, and the (clean, corrupted) baselines."""
+    lds = logit_diff(pf.all_logits[:, None], answer, corrupted_answer)  # baselines, then the first chunk
+    recv = pf.rows[1].start // pf.B  # 0: clean, 1: corrupted
+    out = lds[recv:recv + 1].repeat(len(components))  # what changes nothing keeps the receiver's value
     for i in _progress(range(len(pf.chunks)), show_progress, "patching"):
-        chunk = pf.chunks[i]
-        logits = pf.first_logits if i == 0 else _forward(model, pf, _groups(chunk))
-        out[[k for _, k, _ in chunk]] = logit_diff(logits[:, None], answer, corrupted_answer).to(out.dtype).cpu()
-    return out
+        ks = torch.tensor([k for _, k, _ in pf.chunks[i]], device=lds.device)
+        out[ks] = lds[2:] if i == 0 else logit_diff(_forward(model, pf, _groups(pf.chunks[i]))[:, None], answer,
+                                                    corrupted_answer)
+    return out.cpu(), lds[:2].cpu()
 
 
 # ---------------------------------------------------------------------------------------
