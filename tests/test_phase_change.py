@@ -9,8 +9,10 @@ and measures it with the toolkit's metric functions (never the training logs):
 - the loss on the second copy of ``[x, x]`` is not below the first copy's before the
   window, and far below it at the end;
 - the in-context-learning score (Olsson et al.: loss late in the context minus loss early,
-  on real Shakespeare validation text) is lower after the window than before it (by a few
-  hundredths of a nat only: docs/phase_change.md explains why and what that does not show);
+  on real Shakespeare validation text) falls across the window by more than the one-layer
+  control's over the same checkpoints. This holds for seed 0 (the seed tested) by a few
+  hundredths of a nat; seeds 1 and 2 do not show it (docs/phase_change.md: the head fires on
+  random characters, not on text, so plain-text ICL barely depends on it);
 - the one-layer control never reaches an induction score of 0.1 (no phase change).
 
 Slow: 6 minutes measured on a busy 2-core machine (docs/phase_change.md has the figures).
@@ -36,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE_BATCH = 64  # [x, x] sequences per induction measurement
 TEXT_WINDOWS = 1024  # validation windows for the ICL score: its change is a few hundredths of a nat
 ICL_CHECKPOINTS = 5  # ICL before/after the window: mean over this many checkpoints (less jitter)
+ICL_MARGIN = 0.02  # nats by which the ICL change must beat the control's (seed 0 measured: 0.05)
 
 
 def _start(run_dir: Path, *overrides: str) -> subprocess.Popen:
@@ -107,13 +110,25 @@ def test_second_copy_loss_drops_far_below_the_first(runs):
     assert end["second"] < 0.5 * end["first"], f"second copy not predicted at the end: {end}"
 
 
-def test_icl_score_improves_across_the_window(runs):
+def _icl_change(rows: list[dict], steps_before: list[int], steps_after: list[int]) -> float:
+    """Mean ICL score over the checkpoints at ``steps_after`` minus over ``steps_before``."""
+    by_step = {r["step"]: r["icl"] for r in rows}
+    mean = lambda steps: sum(by_step[s] for s in steps) / len(steps)  # noqa: E731
+    return mean(steps_after) - mean(steps_before)
+
+
+def test_icl_score_improves_across_the_window_more_than_in_the_control(runs):
     rows = runs["quickstart"]
     lo, hi = window(rows)
     k = ICL_CHECKPOINTS
-    before = [r["icl"] for r in rows[max(1, lo - k + 1): lo + 1]]  # skip step 0 (an untrained model)
-    after = [r["icl"] for r in rows[hi: hi + k]]
-    assert sum(after) / len(after) < sum(before) / len(before), f"ICL before {before}, after {after}"
+    before = [r["step"] for r in rows[max(1, lo - k + 1): lo + 1]]  # skip step 0 (an untrained model)
+    after = [r["step"] for r in rows[hi: hi + k]]
+    change = _icl_change(rows, before, after)
+    control = _icl_change(runs["control"], before, after)  # same steps, no induction head
+    # The one-layer control's ICL score drifts too (it keeps learning n-grams), so the
+    # quickstart's change only counts where it beats the control's over the same checkpoints.
+    assert change < control - ICL_MARGIN, \
+        f"ICL change {change:+.3f} vs the control's {control:+.3f} (steps {before} -> {after})"
 
 
 def test_one_layer_control_has_no_induction_head(runs):
