@@ -321,3 +321,11 @@ def test_positions_out_of_range_are_refused(mlp_model):
     for batched in (True, False):
         with pytest.raises(IndexError):
             ap.patch(mlp_model, d.clean, d.corrupted, comps, batched=batched)
+
+
+def test_inputs_longer_than_the_block_are_refused_with_a_clear_error(mlp_model):
+    long = torch.zeros(2, mlp_model.config.block_size + 1, dtype=torch.long)
+    corrupted = long.clone()
+    corrupted[:, 3] = 1
+    with pytest.raises(ValueError, match="exceeds the model's block size"):
+        prefixed_forward(mlp_model, long, corrupted)

@@ -435,7 +435,8 @@ def prefixed_forward(model, clean: torch.Tensor, corrupted: torch.Tensor, compon
     2B*S (clean rows, then corrupted), then the patched rows as they join.
     """
     B, T = clean.shape
-    assert T <= model.config.block_size, f"sequence length {T} > block size {model.config.block_size}"
+    if T > model.config.block_size:
+        raise ValueError(f"sequence length {T} exceeds the model's block size {model.config.block_size}")
     p = _first_difference(clean, corrupted)
     S = T - p
     tr = model.transformer
