@@ -165,7 +165,9 @@ def test_resume_two_processes_after_kill_9_of_the_launcher(ddp_run, tmp_path):
                 os.killpg(proc.pid, signal.SIGKILL)
     assert not history_path(run_dir, 200).exists(), "the run finished before the kill: nothing tested"
     killed_at = load_checkpoint(resume_path(run_dir))["iter_num"]
-    assert 50 <= killed_at < 200
+    # the trainer writes a step's history file, then resume.pt: a kill between the two
+    # leaves the previous resume point (32 on the log schedule), which is just as valid
+    assert 32 <= killed_at < 200
 
     p = torchrun([*args, "train.resume=true"])
     assert p.returncode == 0, p.stderr[-3000:]
