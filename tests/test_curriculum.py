@@ -132,3 +132,33 @@ def test_bad_arguments_raise_one_clear_error(kwargs, match):
 def test_windows_must_be_2d():
     with pytest.raises(ValueError, match="B, T"):
         insert_repeats(torch.zeros(65, dtype=torch.int64), g(0), frac=0.5, allowed_ids=ALLOWED)
+
+
+def test_unigram_rows_carry_a_segment_drawn_from_the_weights_repeated_once():
+    w = unique_windows(200)  # every text token is unique, so the written segment is visible
+    weights = torch.zeros(2000, dtype=torch.int64)
+    weights[[0, 1, 2, 3]] = torch.tensor([700, 200, 90, 10])  # segments may only use tokens 0-3
+    out = insert_repeats(w, g(9), frac=1.0, kind="unigram", min_len=10, max_len=26, token_weights=weights)
+    drawn = []
+    for b in range(len(w)):
+        idx = torch.nonzero(out[b] < 4).flatten()
+        start, n = idx[0].item(), len(idx)
+        assert (idx == torch.arange(start, start + n)).all() and n % 2 == 0, "not one contiguous [x, x]"
+        L = n // 2
+        assert 10 <= L <= 26
+        assert torch.equal(out[b, start:start + L], out[b, start + L:start + n])
+        keep = torch.ones(T1, dtype=torch.bool)
+        keep[start:start + n] = False
+        assert torch.equal(out[b][keep], w[b][keep])  # the rest is the original text
+        drawn.append(out[b, start:start + L])
+    freq = torch.bincount(torch.cat(drawn), minlength=4).double()
+    freq /= freq.sum()
+    # drawn with replacement in proportion to the weights (the 0.70 token recurs within a segment)
+    assert torch.allclose(freq, torch.tensor([0.7, 0.2, 0.09, 0.01], dtype=torch.double), atol=0.03)
+
+
+def test_unigram_without_weights_draws_from_the_windows_own_tokens():
+    w = text_windows(32)  # tokens 0..9
+    out = insert_repeats(w, g(10), frac=1.0, kind="unigram", min_len=10, max_len=20)
+    assert int(out.max()) <= 9 and not torch.equal(out, w)
+    assert torch.equal(insert_repeats(w, g(10), frac=0.0, kind="unigram"), w)

@@ -45,7 +45,7 @@ class DataConfig:
     val_frac: float = 0.1
     # repeat curriculum (curriculum.insert_repeats): a fraction of training windows carry a repeat
     repeat_frac: float = 0.0
-    repeat_kind: str = "random"  # random | passage | mixed
+    repeat_kind: str = "random"  # random | passage | mixed | unigram
     repeat_min: int = 10
     repeat_max: int = 26
     synthetic_vocab_size: int = 26
@@ -121,7 +121,7 @@ def register_configs() -> None:
 register_configs()
 
 DATA_NAMES = ("shakespeare", "text_file", "synthetic")
-REPEAT_KINDS = ("random", "passage", "mixed")
+REPEAT_KINDS = ("random", "passage", "mixed", "unigram")
 WANDB_MODES = ("online", "offline", "disabled")
 
 

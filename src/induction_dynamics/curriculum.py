@@ -16,6 +16,12 @@ Kinds of repeat, written into a fraction ``frac`` of the rows of a (B, T+1) batc
   random later position of the same row (Olsson et al.'s "repeated text"; it is what
   makes the head work on real text, where the in-context-learning score is measured).
 - ``"mixed"``: each repeated row picks one of the two kinds with equal probability.
+- ``"unigram"``: a segment of ``min_len..max_len`` tokens drawn independently, *with*
+  replacement, from the text's own token frequencies ``token_weights``, written at a
+  random position and immediately repeated once. Common characters (space, e, t) recur
+  inside a segment as in English, so a one-character match is ambiguous and the head
+  that forms has to match longer prefixes; that head also works on repeated text
+  (docs/phase_change.md measures it).
 
 All randomness comes from ``generator``, so a sampler that saves the generator state
 resumes to exactly the same batches.
@@ -25,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-KINDS = ("random", "passage", "mixed")
+KINDS = ("random", "passage", "mixed", "unigram")
 
 
 def _check(T1: int, frac: float, kind: str, min_len: int, max_len: int,
@@ -50,14 +56,17 @@ def _randint(low: int, high: int, generator: torch.Generator) -> int:
 
 def insert_repeats(windows: torch.Tensor, generator: torch.Generator, *, frac: float,
                    kind: str = "random", min_len: int = 10, max_len: int = 26,
-                   allowed_ids: torch.Tensor | None = None) -> torch.Tensor:
+                   allowed_ids: torch.Tensor | None = None,
+                   token_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Return a copy of ``windows`` (B, T+1) in which about ``frac`` of the rows carry a repeat.
 
     Each row independently carries a repeat with probability ``frac``. ``allowed_ids``
     (1-D int64) are the tokens random segments are drawn from (use
     ``interpretability.metrics.probe_token_ids``, the vocabulary without its rarest and
     most common characters); when ``None`` the distinct tokens present in ``windows`` are
-    used. The input tensor is not modified.
+    used. ``token_weights`` (V,) are the frequencies ``"unigram"`` segments are drawn from
+    (the training split's token counts); when ``None`` those of ``windows``. The input
+    tensor is not modified.
     """
     if windows.dim() != 2:
         raise ValueError(f"windows must be (B, T+1), got shape {tuple(windows.shape)}")
@@ -66,6 +75,8 @@ def insert_repeats(windows: torch.Tensor, generator: torch.Generator, *, frac: f
     out = windows.clone()
     if frac == 0.0:
         return out
+    if kind == "unigram":
+        return _insert_unigram(out, generator, frac, min_len, max_len, token_weights)
     if kind in ("random", "mixed"):
         pool = torch.unique(windows) if allowed_ids is None else allowed_ids.to(windows.dtype)
         if len(pool) < max_len:
@@ -85,4 +96,22 @@ def insert_repeats(windows: torch.Tensor, generator: torch.Generator, *, frac: f
             src = _randint(0, T1 - 2 * L, generator)
             dst = _randint(src + L, T1 - L, generator)  # the copy starts after the source ends
             out[b, dst:dst + L] = windows[b, src:src + L]
+    return out
+
+
+def _insert_unigram(out: torch.Tensor, generator: torch.Generator, frac: float, min_len: int, max_len: int,
+                    token_weights: torch.Tensor | None) -> torch.Tensor:
+    """The ``"unigram"`` kind, in place on ``out`` (B, T+1): per row, with probability
+    ``frac``, a segment drawn from the token frequencies, written twice in a row."""
+    B, T1 = out.shape
+    weights = torch.bincount(out.flatten()) if token_weights is None else torch.as_tensor(token_weights)
+    probs = weights.double() / weights.sum()
+    for b in range(B):
+        if torch.rand(1, generator=generator).item() >= frac:
+            continue
+        L = _randint(min_len, max_len, generator)
+        start = _randint(0, T1 - 2 * L, generator)
+        seg = torch.multinomial(probs, L, replacement=True, generator=generator).to(out.dtype)
+        out[b, start:start + L] = seg
+        out[b, start + L:start + 2 * L] = seg
     return out

@@ -396,7 +396,8 @@ class BatchSampler:
 
     def __init__(self, data: torch.Tensor, batch_size: int, block_size: int, seed: int,
                  repeat_frac: float = 0.0, repeat_kind: str = "random", repeat_min: int = 10,
-                 repeat_max: int = 26, allowed_ids: torch.Tensor | None = None):
+                 repeat_max: int = 26, allowed_ids: torch.Tensor | None = None,
+                 token_weights: torch.Tensor | None = None):
         if data.dim() != 1:
             raise DataError(f"the token stream must be 1-D, got shape {tuple(data.shape)}")
         if batch_size < 1 or block_size < 1:
@@ -408,7 +409,7 @@ class BatchSampler:
         self.data = data.long()
         self.batch_size, self.block_size, self.seed = batch_size, block_size, seed
         self.repeat = dict(frac=float(repeat_frac), kind=repeat_kind, min_len=repeat_min, max_len=repeat_max,
-                           allowed_ids=allowed_ids)
+                           allowed_ids=allowed_ids, token_weights=token_weights)
         self.generator = torch.Generator().manual_seed(seed)
         self.batches_drawn = 0
         self._offsets = torch.arange(block_size + 1)  # (T+1,)

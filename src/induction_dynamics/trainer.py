@@ -125,14 +125,16 @@ def _flat_keys(d: dict, prefix: str = "") -> list[str]:
 
 
 @torch.no_grad()
-def _estimate_loss(model, data: torch.Tensor, cfg, dist, device, autocast, repeat: bool, allowed) -> float:
+def _estimate_loss(model, data: torch.Tensor, cfg, dist, device, autocast, repeat: bool, allowed,
+                   weights=None) -> float:
     """Mean loss over eval_iters batches (nanoGPT's estimate_loss) from a fresh generator with a
     fixed seed: the same batches at every evaluation, and the training RNG is never touched.
     ``repeat``: write the training curriculum's repeats into the windows too."""
     d = cfg.data
     sampler = BatchSampler(data, cfg.train.batch_size, cfg.model.block_size, EVAL_SEED,
                            repeat_frac=d.repeat_frac if repeat else 0.0, repeat_kind=d.repeat_kind,
-                           repeat_min=d.repeat_min, repeat_max=d.repeat_max, allowed_ids=allowed)
+                           repeat_min=d.repeat_min, repeat_max=d.repeat_max, allowed_ids=allowed,
+                           token_weights=weights)
     losses = torch.zeros(cfg.train.eval_iters)
     for k in range(cfg.train.eval_iters):
         x, y = sampler.sample()  # (B, T) global batch
@@ -192,7 +194,7 @@ def train(cfg, run_dir: str | Path | None = None, dist: DistContext | None = Non
     d = cfg.data
     sampler = BatchSampler(data.train, t.batch_size, cfg.model.block_size, cfg.seed, repeat_frac=d.repeat_frac,
                            repeat_kind=d.repeat_kind, repeat_min=d.repeat_min, repeat_max=d.repeat_max,
-                           allowed_ids=allowed)
+                           allowed_ids=allowed, token_weights=data.counts)  # unigram segments: train frequencies
     probe = (InductionProbe(data.vocab_size, data.counts, cfg.probe.seq_len, cfg.probe.batch_size,
                             seed=cfg.probe.seed, device=device) if cfg.probe.enabled else None)
 
@@ -267,7 +269,7 @@ def train(cfg, run_dir: str | Path | None = None, dist: DistContext | None = Non
                                                                  allowed)}
                     if d.repeat_frac > 0:  # the val text with the training curriculum's repeats
                         metrics["val/loss_repeats"] = _estimate_loss(model, data.val, cfg, dist, device, autocast, True,
-                                                                     allowed)
+                                                                     allowed, data.counts)
                     model.train()
                     summary["val_loss"] = last_val
                     log.info("iter %d: val loss %.4f, train loss %.4f", iter_num, last_val,
