@@ -59,6 +59,13 @@ def one_line(e: BaseException) -> str:
     return out or type(e).__name__
 
 
+def print_error(e: BaseException) -> None:
+    """'error: <one line>' on stderr in ONE write: torchrun ranks share the stream, and
+    print()'s separate write of the newline let two ranks' lines run together."""
+    sys.stderr.write(f"error: {one_line(e)}\n")
+    sys.stderr.flush()
+
+
 def one_line_errors(task):
     """Decorate a Hydra task function: known errors print one line and exit with status 2.
 
@@ -72,7 +79,7 @@ def one_line_errors(task):
         except Exception as e:
             if not is_bad_input(e) or os.environ.get(_USER_FULL_ERROR) == "1":
                 raise
-            print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+            print_error(e)
             raise SystemExit(EXIT_BAD_INPUT) from None
     return wrapped
 
@@ -87,7 +94,7 @@ def main_wrapper(entry) -> int:
     except Exception as e:
         if not is_bad_input(e) or user_wants_traceback:
             raise
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        print_error(e)
         return EXIT_BAD_INPUT
     return 0
 
