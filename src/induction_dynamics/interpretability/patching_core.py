@@ -138,16 +138,9 @@ def _last_query_block(block, x: torch.Tensor) -> torch.Tensor:
     The metric reads only the last position, and after the last attention layer nothing
     else is needed: keys and values come from every position, the rest from the last.
     """
-    attn = block.attn
-    N, T, C = x.shape
-    nh, hs = attn.n_head, C // attn.n_head
-    h = block.ln_1(x)
-    w, b = attn.c_attn.weight, attn.c_attn.bias
-    q = F.linear(h[:, -1:], w[:C], None if b is None else b[:C]).view(N, 1, nh, hs).transpose(1, 2)
-    kv = F.linear(h, w[C:], None if b is None else b[C:])  # (N, T, 2C)
-    k, v = (t.view(N, T, nh, hs).transpose(1, 2) for t in kv.split(C, dim=2))  # (N, nh, T, hs)
-    y = F.scaled_dot_product_attention(q, k, v)  # the last query sees every key: no mask
-    x = x[:, -1:] + attn.c_proj(y.transpose(1, 2).reshape(N, 1, C))
+    N, _, C = x.shape
+    z = _last_query_z(block.attn, block.ln_1(x), None)  # (N, 1, nh, hs)
+    x = x[:, -1:] + block.attn.c_proj(z.reshape(N, 1, C))
     if not block.attn_only:
         x = x + block.mlp(block.ln_2(x))
     return x
