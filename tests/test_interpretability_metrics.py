@@ -133,3 +133,41 @@ def test_hand_built_model_sizes():
     assert M.induction_scores(small, tokens, 8)[IND] >= 0.9
     with pytest.raises(ValueError):
         hand_built_induction_model(vocab_size=8, block_size=32)
+
+
+def _earlier_match_masks_by_loops(tokens, k):
+    """The definition, spelled out: loop over every position and every earlier one."""
+    B, T = tokens.shape
+    predictive = torch.zeros(B, T - 1, dtype=torch.bool)
+    misleading = torch.zeros(B, T - 1, dtype=torch.bool)
+    for b in range(B):
+        for t in range(k - 1, T - 1):
+            js = [j for j in range(k - 1, t) if torch.equal(tokens[b, j - k + 1:j + 1], tokens[b, t - k + 1:t + 1])]
+            if any(tokens[b, j + 1] == tokens[b, t + 1] for j in js):
+                predictive[b, t] = True
+            elif js:
+                misleading[b, t] = True
+    return predictive, misleading
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_earlier_match_masks_match_the_loop_definition(k):
+    g = torch.Generator().manual_seed(k)
+    tokens = torch.randint(0, 3, (6, 24), generator=g)  # 3 symbols: many matches of every length
+    predictive, misleading = M.earlier_match_masks(tokens, k)
+    expected = _earlier_match_masks_by_loops(tokens, k)
+    assert predictive.any() and misleading.any()
+    assert torch.equal(predictive, expected[0]) and torch.equal(misleading, expected[1])
+    assert not (predictive & misleading).any()
+
+
+def test_earlier_match_masks_on_a_hand_example():
+    # "a b c d a b c d a b c e": from the second "a b c" (t=6) on, every 3-token suffix was seen
+    # before with the same next token, until the third "a b c" (t=10): earlier ones -> d, truth e.
+    a, b, c, d, e = range(5)
+    tokens = torch.tensor([[a, b, c, d, a, b, c, d, a, b, c, e]])
+    predictive, misleading = M.earlier_match_masks(tokens, 3)
+    assert predictive[0].nonzero().flatten().tolist() == [6, 7, 8, 9]
+    assert misleading[0].nonzero().flatten().tolist() == [10]
+    with pytest.raises(ValueError, match="1 <= k"):
+        M.earlier_match_masks(tokens, 0)

@@ -296,3 +296,31 @@ def icl_score(model, tokens: torch.Tensor, early: int, late: int) -> float:
         raise ValueError(f"need 0 <= early < late < {tokens.shape[1] - 1}, got early={early}, late={late}")
     loss = per_token_losses(model, tokens)
     return (loss[:, late].mean() - loss[:, early].mean()).item()
+
+
+def earlier_match_masks(tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where copying from earlier in the context could help: (predictive, misleading) masks.
+
+    Both are (B, T-1) bool, aligned with ``per_token_losses`` (entry t predicts
+    ``tokens[:, t+1]``). At t, look for earlier positions j < t whose last ``k`` tokens equal
+    the ``k`` tokens ending at t (an induction head's prefix match, of length k). ``predictive``:
+    at least one such match is followed by ``tokens[:, t+1]``, so an exact copier would be
+    right; ``misleading``: matches exist but none is followed by it, so copying can only hurt.
+    The share of each at the ICL score's late position bounds what an induction head can do
+    to the ICL score on a given text (docs/phase_change.md).
+    """
+    B, T = tokens.shape
+    if not 1 <= k < T - 1:
+        raise ValueError(f"need 1 <= k < {T - 1}, got k={k}")
+    windows = tokens.unfold(1, k, 1)  # (B, T-k+1, k): window w covers tokens w .. w+k-1
+    same = (windows[:, :, None, :] == windows[:, None, :, :]).all(-1)  # (B, W, W)
+    nxt = tokens[:, k:]  # (B, T-k): the token after window w
+    n = nxt.shape[1]
+    match = same[:, :n, :n] & torch.ones(n, n, dtype=torch.bool, device=tokens.device).tril(-1)
+    same_next = nxt[:, :, None] == nxt[:, None, :]  # (B, n, n)
+    predictive = torch.zeros(B, T - 1, dtype=torch.bool, device=tokens.device)
+    misleading = torch.zeros_like(predictive)
+    has_match = match.any(-1)  # window w ends at t = w + k - 1
+    predictive[:, k - 1:] = (match & same_next).any(-1)
+    misleading[:, k - 1:] = has_match & ~predictive[:, k - 1:]
+    return predictive, misleading
