@@ -229,3 +229,31 @@ def test_compile_saves_plain_state_dict(tmp_path):
     sd = weights(history_path(tmp_path, 3))
     assert out["iter_num"] == 3 and not any(k.startswith("_orig_mod.") for k in sd)
     assert set(sd) == set(GPT(GPTConfig(**load_checkpoint(history_path(tmp_path, 3))["model_args"])).state_dict())
+
+
+def test_train_loss_estimate_draws_unigram_repeats_like_training(tmp_path, caplog):
+    """train/eval_loss writes the curriculum into training windows as the training batches do:
+    unigram segments from the training split's token counts (not each batch's own)."""
+    from induction_dynamics.data import BatchSampler, load_data
+    from induction_dynamics.trainer import EVAL_SEED
+    cfg = compose_cfg(TINY + ["data.repeat_kind=unigram", "data.repeat_frac=1.0", "train.max_iters=10",
+                              "data.synthetic_vocab_size=12"])
+    with caplog.at_level(logging.INFO):
+        train(cfg, run_dir=tmp_path / "run")
+    logged = float(next(r.getMessage() for r in caplog.records if r.getMessage().startswith("iter 10:"))
+                   .split("train loss ")[1])
+    d = cfg.data
+    data = load_data("synthetic", synthetic_vocab_size=12, synthetic_tokens=d.synthetic_tokens, seed=0)
+    model = GPT(GPTConfig(**load_checkpoint(history_path(tmp_path / "run", 10))["model_args"]))
+    model.load_state_dict(weights(history_path(tmp_path / "run", 10)))
+    model.eval()
+
+    def estimate(token_weights):
+        sampler = BatchSampler(data.train, cfg.train.batch_size, cfg.model.block_size, EVAL_SEED,
+                               repeat_frac=1.0, repeat_kind="unigram", repeat_min=d.repeat_min,
+                               repeat_max=d.repeat_max, token_weights=token_weights)
+        with torch.no_grad():
+            return sum(model(*sampler.sample())[1].item() for _ in range(cfg.train.eval_iters)) / cfg.train.eval_iters
+
+    assert abs(estimate(data.counts) - logged) < 1e-4
+    assert abs(estimate(None) - logged) > 1e-4  # the batches' own frequencies: a different estimate

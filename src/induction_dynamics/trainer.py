@@ -126,10 +126,11 @@ def _flat_keys(d: dict, prefix: str = "") -> list[str]:
 
 @torch.no_grad()
 def _estimate_loss(model, data: torch.Tensor, cfg, dist, device, autocast, repeat: bool, allowed,
-                   weights=None) -> float:
+                   weights: torch.Tensor) -> float:
     """Mean loss over eval_iters batches (nanoGPT's estimate_loss) from a fresh generator with a
     fixed seed: the same batches at every evaluation, and the training RNG is never touched.
-    ``repeat``: write the training curriculum's repeats into the windows too."""
+    ``repeat``: write the training curriculum's repeats into the windows too, ``unigram``
+    segments drawn from ``weights`` (the training split's token counts, as in training)."""
     d = cfg.data
     sampler = BatchSampler(data, cfg.train.batch_size, cfg.model.block_size, EVAL_SEED,
                            repeat_frac=d.repeat_frac if repeat else 0.0, repeat_kind=d.repeat_kind,
@@ -263,10 +264,10 @@ def train(cfg, run_dir: str | Path | None = None, dist: DistContext | None = Non
                 t0 = time.perf_counter()
                 if is_eval:
                     model.eval()
-                    last_val = _estimate_loss(model, data.val, cfg, dist, device, autocast, False, allowed)
+                    last_val = _estimate_loss(model, data.val, cfg, dist, device, autocast, False, allowed, data.counts)
                     metrics = {"val/loss": last_val,
                                "train/eval_loss": _estimate_loss(model, data.train, cfg, dist, device, autocast, True,
-                                                                 allowed)}
+                                                                 allowed, data.counts)}
                     if d.repeat_frac > 0:  # the val text with the training curriculum's repeats
                         metrics["val/loss_repeats"] = _estimate_loss(model, data.val, cfg, dist, device, autocast, True,
                                                                      allowed, data.counts)
