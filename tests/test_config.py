@@ -49,6 +49,14 @@ def test_experiment_and_groups_compose():
     cfg = compose_cfg(["experiment=synthetic_attn_only"])
     assert cfg.model.attn_only and cfg.data.name == "synthetic" and cfg.data.repeat_frac == 1.0
     validate(cfg)
+    quick, text = compose_cfg(["experiment=quickstart"]), compose_cfg(["experiment=quickstart_text"])
+    assert (text.data.repeat_kind, text.train.max_iters, text.wandb.group) == ("unigram", 6000, "quickstart_text")
+    assert quick.data.repeat_kind == "random"
+    # everything else is the quickstart's recipe
+    for key in ("model", "optim", "checkpoint", "probe"):
+        assert text[key] == quick[key], key
+    assert (text.data.repeat_frac, text.train.batch_size) == (quick.data.repeat_frac, quick.train.batch_size)
+    validate(text)
     assert compose_cfg(["probe=off"]).probe.enabled is False
     assert compose_cfg(["wandb=disabled"]).wandb.mode == "disabled"
 
