@@ -72,9 +72,9 @@ def test_train_then_analyse_the_sweep(trained_sweep):
     assert (table.loc[table.metric == "val_loss", "value"] > 0).all()
 
     phase = pd.read_csv(sweep / "analysis" / "phase_change.csv")
-    assert len(phase) == 4 and set(phase["metric"]) == {"induction_score_max", "icl_score"}
+    assert len(phase) == 6 and set(phase["metric"]) == {"induction_score_max", "icl_score", "icl_score_repeats"}
     summary = pd.read_csv(sweep / "analysis" / "phase_change_summary.csv")
-    assert list(summary["n_runs"]) == [2, 2]
+    assert list(summary["n_runs"]) == [2, 2, 2]
 
     for d in [sweep / "plots"] + [r / "plots" for r in runs]:
         for name in PLOT_NAMES:

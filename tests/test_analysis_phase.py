@@ -28,6 +28,23 @@ def test_finds_known_midpoint_within_5_percent(mid, seed):
     assert pc.amp == pytest.approx(0.6, abs=0.1)
 
 
+def test_skip_initial_frac_finds_the_phase_change_behind_an_early_transient():
+    # the ICL score on the training distribution: a large fall in the first few hundred steps
+    # (n-grams), flat, then the phase change's smaller fall at 1,250 (the quickstart's shape)
+    rng = np.random.default_rng(4)
+    steps = np.concatenate([[0, 1, 2, 4, 8, 16, 32, 64], np.arange(100, 4001, 100)]).astype(float)
+    y = (-0.4 * (1 - np.exp(-steps / 150)) - 0.25 / (1 + np.exp(-(steps - 1_250) / 100))
+         + rng.normal(0, 0.01, len(steps)))
+    whole = detect_phase_change(steps, y, "icl_score_repeats", min_amplitude=0.05)
+    assert whole.mid_step < 700  # fits the transient (or a blend of both), not the phase change
+    pc = detect_phase_change(steps, y, "icl_score_repeats", min_amplitude=0.05, skip_initial_frac=0.15)
+    assert pc.detected, pc.reason
+    assert abs(pc.mid_step - 1_250) <= 150 and pc.amp == pytest.approx(-0.25, abs=0.05)
+    assert pc.n_points == int((steps >= 600).sum())
+    with pytest.raises(ValueError, match="skip_initial_frac"):
+        detect_phase_change(steps, y, skip_initial_frac=1.0)
+
+
 def test_falling_curve_and_outlier():
     # an ICL-score-like curve falls; one wild checkpoint must not move the answer
     rng = np.random.default_rng(3)

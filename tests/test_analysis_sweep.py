@@ -50,11 +50,14 @@ def test_config_yaml_matches_schema():
     assert cfg.suite.metrics == list(SUITE_METRICS) == schema.suite.metrics
     for key in ("n_jobs", "seed", "watch_poll_s", "csv", "device", "threads"):
         assert cfg[key] == getattr(schema, key)
-    assert cfg.phase.metrics.induction_score_max.min_amplitude == schema.phase.metrics["induction_score_max"].min_amplitude
+    for name, opts in schema.phase.metrics.items():
+        assert (cfg.phase.metrics[name].min_amplitude, cfg.phase.metrics[name].skip_initial_frac) == \
+            (opts.min_amplitude, opts.skip_initial_frac)
+    assert set(cfg.phase.metrics) == set(schema.phase.metrics)
     with pytest.raises(Exception):
         cfg_for("x", "n_jobs=many")  # typed: not an int
     assert cfg_for("x", "analysis/suite=fast").suite.metrics == ["induction", "previous_token", "icl",
-                                                                  "token_loss", "induction_loss"]
+                                                                  "icl_repeats", "token_loss", "induction_loss"]
 
 
 def test_table_has_every_metric_checkpoint_and_head(analysed):
@@ -93,9 +96,11 @@ def test_table_has_every_metric_checkpoint_and_head(analysed):
         assert json.loads((root / run / "analysis" / "errors.json").read_text()) == []
     phase = pd.read_csv(root / "analysis" / "phase_change.csv")
     assert set(zip(phase["run"], phase["metric"])) == {(r, m) for r in ("seed0", "seed1")
-                                                       for m in ("induction_score_max", "icl_score")}
+                                                       for m in ("induction_score_max", "icl_score",
+                                                                 "icl_score_repeats")}
     summary = pd.read_csv(root / "analysis" / "phase_change_summary.csv")
-    assert set(summary["metric"]) == {"induction_score_max", "icl_score"} and (summary["n_runs"] == 2).all()
+    assert set(summary["metric"]) == {"induction_score_max", "icl_score", "icl_score_repeats"}
+    assert (summary["n_runs"] == 2).all()
     assert "phase change" in out["report"]
 
 
@@ -152,7 +157,7 @@ def test_changed_settings_rebuild_the_cache_and_metric_set_is_configurable(sweep
     shutil.copytree(sweep_src / "seed1", root)
     analyze(cfg_for(root, *FAST, "analysis/suite=fast"))
     fast = set(pd.read_parquet(root / "analysis" / "results.parquet")["metric"])
-    assert fast == {"induction_score", "previous_token_score", "icl_score", "text_loss",
+    assert fast == {"induction_score", "previous_token_score", "icl_score", "icl_score_repeats", "text_loss",
                     "induction_loss_first", "induction_loss_second", "val_loss"}
     out = analyze(cfg_for(root, *FAST, "suite.metrics=[induction,logit_lens]"))
     assert "(4 new)" in out["report"]

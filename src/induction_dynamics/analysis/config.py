@@ -20,6 +20,7 @@ SUITE_METRICS = {
     "copying": ["copying_score"],
     "ov_copying": ["ov_copying_score"],
     "icl": ["icl_score"],
+    "icl_repeats": ["icl_score_repeats"],
     "token_loss": ["text_loss"],
     "induction_loss": ["induction_loss_first", "induction_loss_second"],
     "patching": ["patch_resid", "patch_attn_out", "patch_mlp_out", "patch_head"],
@@ -42,12 +43,14 @@ class SuiteConfig:
 @dataclass
 class PhaseMetric:
     min_amplitude: float = 0.05
+    skip_initial_frac: float = 0.0  # fit only after this fraction of the step range (early transients)
 
 
 @dataclass
 class PhaseConfig:
     metrics: dict[str, PhaseMetric] = field(default_factory=lambda: {
-        "induction_score_max": PhaseMetric(0.1), "icl_score": PhaseMetric(0.05)})
+        "induction_score_max": PhaseMetric(0.1), "icl_score": PhaseMetric(0.05, 0.15),
+        "icl_score_repeats": PhaseMetric(0.05, 0.15)})
     loss_metric: str = "text_loss"    # the loss curve checked for a bump inside the window
     bump_tol: float = 0.002           # nats; a rise above this inside the window counts as a bump
     min_snr: float = 4.0

@@ -7,7 +7,11 @@ checkpoint steps.
 
 Method
 ------
-1. Drop NaNs, sort by step. Fewer than ``MIN_POINTS`` checkpoints: "none".
+1. Drop NaNs, sort by step; with ``skip_initial_frac`` > 0, drop the checkpoints in that
+   first fraction of the step range (a curve with an early-training transient, like the ICL
+   score, which falls while the model first learns n-grams, long before any induction head;
+   a single logistic would fit that transient instead of the phase change). Fewer than
+   ``MIN_POINTS`` checkpoints: "none".
 2. Robust smoothing: a running median of 3 (from 5 points on), which removes a single
    outlying checkpoint but keeps a sharp jump sharp.
 3. Noise level: ``1.4826 * MAD(diff(y)) / sqrt(2)``, the median-absolute-deviation of the
@@ -115,7 +119,7 @@ def _fit(u: np.ndarray, y: np.ndarray, scale: float):
 
 def detect_phase_change(steps, values, metric: str = "", *, min_amplitude: float = 0.05,
                         min_snr: float = 4.0, min_r2: float = 0.5,
-                        max_window_frac: float = 1.0) -> PhaseChange:
+                        max_window_frac: float = 1.0, skip_initial_frac: float = 0.0) -> PhaseChange:
     """Find the phase change of one curve (see the module docstring for the method).
 
     ``steps`` and ``values`` are 1-D sequences of equal length (any order; NaNs dropped).
@@ -127,6 +131,11 @@ def detect_phase_change(steps, values, metric: str = "", *, min_amplitude: float
     s, y = s[keep], y[keep]
     order = np.argsort(s, kind="stable")
     s, y = s[order], y[order]
+    if not 0.0 <= skip_initial_frac < 1.0:
+        raise ValueError(f"skip_initial_frac must lie in [0, 1), got {skip_initial_frac}")
+    if skip_initial_frac > 0 and len(s):
+        later = s >= s[0] + skip_initial_frac * (s[-1] - s[0])
+        s, y = s[later], y[later]
     out = PhaseChange(metric=metric, detected=False, n_points=len(s))
     if len(s) < MIN_POINTS:
         out.reason = f"only {len(s)} checkpoints (need {MIN_POINTS})"

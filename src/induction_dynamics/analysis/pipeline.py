@@ -53,7 +53,8 @@ def phase_table(table: pd.DataFrame, label: str, seed: int, shape: str, phase_cf
         c = curve(table, name)
         pc = detect_phase_change(c.index.to_numpy(), c.to_numpy(), name, min_amplitude=opts.min_amplitude,
                                  min_snr=phase_cfg.min_snr, min_r2=phase_cfg.min_r2,
-                                 max_window_frac=phase_cfg.max_window_frac)
+                                 max_window_frac=phase_cfg.max_window_frac,
+                                 skip_initial_frac=opts.skip_initial_frac)
         if c.empty:
             pc.reason = f"no {name} in the table"
         bump = loss_bump(loss.index.to_numpy(), loss.to_numpy(), pc.start_step, pc.end_step)

@@ -7,7 +7,8 @@ the same model shape (one run for a run's own plots, all seeds for a sweep's), a
 
 1. ``induction_heatmap``  heads (layer.head) x step, one panel per run
 2. ``induction_score_max`` max induction score vs step per seed, mean +/- sd band, window shaded
-3. ``loss_icl``           validation loss and ICL score vs step, window shaded (Olsson Fig.)
+3. ``loss_icl``           validation loss and ICL scores (plain text; text with the run's
+                          training repeats) vs step, window shaded (Olsson Fig.)
 4. ``patching``           patching effect per layer, and per head, vs step
 5. ``logit_lens``         logit-lens probability of the correct token per layer vs step
 6. ``token_loss_pca``     per-token losses of every checkpoint projected on 2 principal
@@ -149,7 +150,11 @@ def plot_loss_icl(runs: dict, phase, loss_metric: str, out_dir: Path, formats, d
             ax_loss.plot(trainer.index, trainer.to_numpy(), ls="--", lw=1, color=line.get_color(),
                          label=f"{name} (trainer val_loss)")
         icl = model_metric(df, "icl_score")
-        ax_icl.plot(icl.index, icl.to_numpy(), marker="o", ms=3, lw=1, label=name)
+        line, = ax_icl.plot(icl.index, icl.to_numpy(), marker="o", ms=3, lw=1, label=f"{name}, plain text")
+        icl_rep = model_metric(df, "icl_score_repeats")
+        if not icl_rep.empty:  # the training distribution: text with the run's repeat curriculum
+            ax_icl.plot(icl_rep.index, icl_rep.to_numpy(), marker="s", ms=3, lw=1, ls="--",
+                        color=line.get_color(), label=f"{name}, text with the training repeats")
     windows = _windows(phase, "induction_score_max")
     for ax in (ax_loss, ax_icl):
         _shade(ax, windows)
@@ -159,6 +164,7 @@ def plot_loss_icl(runs: dict, phase, loss_metric: str, out_dir: Path, formats, d
     ax_icl.axhline(0, color="grey", lw=0.5)
     ax_icl.set_xlabel("training step")
     ax_loss.legend(fontsize=8)
+    ax_icl.legend(fontsize=8)
     return _save(fig, out_dir, "loss_icl", formats, dpi)
 
 

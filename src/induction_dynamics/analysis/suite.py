@@ -12,6 +12,10 @@ same data and shape see identical probes (comparable across seeds of a sweep):
 - ``text``: ``text_windows`` fixed windows of ``block_size`` validation tokens (the
   checkpoint's ``config["data"]`` through ``data.load_data``): previous-token score, ICL
   score at positions (early, late), per-token losses (for the PCA plot).
+- ``text_repeats``: as many other validation windows with the run's repeat curriculum
+  written in exactly as the trainer's sampler writes it (``config["data"]["repeat_*"]``;
+  plain text when the run had none): the ICL score on the *training distribution*, which
+  is where Olsson et al. measure it (held-out data like the training data).
 - ``patching``: ``induction_patching_data`` pairs (clean / one token corrupted).
 
 Metric ids (config ``suite.metrics``) and the table metrics they give: ``config.SUITE_METRICS``;
@@ -26,12 +30,13 @@ import numpy as np
 import torch
 
 from induction_dynamics.analysis.config import SUITE_METRICS
+from induction_dynamics.data import BatchSampler
 from induction_dynamics.interpretability import activation_patching as ap
 from induction_dynamics.interpretability import logit_lens as ll
 from induction_dynamics.interpretability import metrics as M
 
 # separate generator seeds per probe kind: adding a metric never changes another's probe
-_PROBE_OFFSETS = {"induction": 0, "prefix": 1, "text": 2, "patching": 3}
+_PROBE_OFFSETS = {"induction": 0, "prefix": 1, "text": 2, "patching": 3, "text_repeats": 4}
 
 
 @dataclass
@@ -47,6 +52,8 @@ class Probes:
     icl_early: int                 # indices into the (T-1,) per-token loss vector
     icl_late: int
     patching: ap.PatchingData      # clean/corrupted (P, 2L-1), answers (P,)
+    text_repeats: torch.Tensor     # (W, block_size) validation windows with the training curriculum
+    repeats: dict                  # the curriculum written into text_repeats (frac 0: none)
 
     def info(self) -> dict:
         """JSON-able description for run_info.json and the W&B config."""
@@ -55,14 +62,15 @@ class Probes:
                 "text_windows": self.text.shape[0], "text_window_len": self.text.shape[1],
                 "icl_early": self.icl_early, "icl_late": self.icl_late,
                 "patching_batch": self.patching.clean.shape[0],
-                "patching_len": self.patching.clean.shape[1]}
+                "patching_len": self.patching.clean.shape[1], "text_repeats": self.repeats}
 
     def to(self, device) -> Probes:
         p = self.patching
         return Probes(self.allowed.to(device), self.induction.to(device), self.induction_seq_len,
                       self.prefix.to(device), self.prefix_seq_len, self.text.to(device), self.icl_early,
                       self.icl_late, ap.PatchingData(p.clean.to(device), p.corrupted.to(device),
-                                                     p.answer.to(device), p.corrupted_answer.to(device)))
+                                                     p.answer.to(device), p.corrupted_answer.to(device)),
+                      self.text_repeats.to(device), self.repeats)
 
 
 def validate_metrics(metrics) -> list[str]:
@@ -74,8 +82,12 @@ def validate_metrics(metrics) -> list[str]:
 
 
 def make_probes(suite, *, vocab_size: int, block_size: int, token_counts, val_tokens: torch.Tensor,
-                seed: int) -> Probes:
-    """Draw every probe of a run from ``seed`` (see the module docstring for what each is)."""
+                seed: int, data_config: dict | None = None) -> Probes:
+    """Draw every probe of a run from ``seed`` (see the module docstring for what each is).
+
+    ``data_config``: the run's training ``config["data"]``; its ``repeat_*`` keys give the
+    curriculum of the ``text_repeats`` windows (none when absent or ``repeat_frac`` is 0).
+    """
     counts = None if token_counts is None else torch.as_tensor(token_counts)
     allowed = M.probe_token_ids(vocab_size, counts)
 
@@ -104,7 +116,22 @@ def make_probes(suite, *, vocab_size: int, block_size: int, token_counts, val_to
 
     Lp = min(L, len(allowed) - 1, (T + 1) // 2)  # clean prompt 2L-1 tokens plus one spare token
     patching = ap.induction_patching_data(allowed, Lp, suite.patching_batch, gen("patching"))
-    return Probes(allowed, induction, L, prefix, P, text, int(early), int(late), patching)
+    repeats, text_repeats = _repeat_windows(data_config or {}, val_tokens, T, suite.text_windows, allowed, counts,
+                                            int(seed) * 1000 + _PROBE_OFFSETS["text_repeats"])
+    return Probes(allowed, induction, L, prefix, P, text, int(early), int(late), patching, text_repeats, repeats)
+
+
+def _repeat_windows(data_config: dict, val_tokens: torch.Tensor, T: int, n: int, allowed: torch.Tensor,
+                    counts, seed: int) -> tuple[dict, torch.Tensor]:
+    """(the curriculum, (n, T) validation windows with it): one batch of the trainer's own
+    sampler (``data.BatchSampler``) over the validation split, with the run's repeat settings."""
+    repeats = {"frac": float(data_config.get("repeat_frac", 0.0) or 0.0),
+               "kind": data_config.get("repeat_kind", "random"),
+               "min_len": int(data_config.get("repeat_min", 10)), "max_len": int(data_config.get("repeat_max", 26))}
+    sampler = BatchSampler(val_tokens, n, T, seed, repeat_frac=repeats["frac"], repeat_kind=repeats["kind"],
+                           repeat_min=repeats["min_len"], repeat_max=repeats["max_len"], allowed_ids=allowed,
+                           token_weights=counts)
+    return repeats, sampler.sample()[0]
 
 
 def _head_rows(metric: str, scores: torch.Tensor) -> list[tuple]:
@@ -140,6 +167,8 @@ def run_suite(model, probes: Probes, metrics) -> tuple[list[tuple], np.ndarray |
         rows += _head_rows("ov_copying_score", M.ov_copying_scores(model))
     if "icl" in metrics:
         rows.append(("icl_score", -1, -1, M.icl_score(model, p.text, p.icl_early, p.icl_late)))
+    if "icl_repeats" in metrics:
+        rows.append(("icl_score_repeats", -1, -1, M.icl_score(model, p.text_repeats, p.icl_early, p.icl_late)))
     if "token_loss" in metrics:
         losses = M.per_token_losses(model, p.text)  # (W, T-1)
         rows.append(("text_loss", -1, -1, losses.mean().item()))

@@ -109,7 +109,8 @@ def prepare_run(run_dir: Path, label: str, cfg) -> RunContext | None:
         train_config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
     val = validation_tokens(train_config, ckpt.get("vocab"))
     probes = make_probes(cfg.suite, vocab_size=args["vocab_size"], block_size=args["block_size"],
-                         token_counts=ckpt.get("token_counts"), val_tokens=val, seed=cfg.seed)
+                         token_counts=ckpt.get("token_counts"), val_tokens=val, seed=cfg.seed,
+                         data_config=train_config.get("data"))
     max_iters = (train_config.get("train") or {}).get("max_iters")
     ctx = RunContext(run_dir, label, int(train_config.get("seed", -1)), R.shape_key(args),
                      {k: args.get(k) for k in SHAPE_FIELDS}, train_config, probes, metrics,

@@ -43,6 +43,8 @@ METRICS = {
     "copying_score": ("head", "empirical direct logit effect of the head on the attended token"),
     "ov_copying_score": ("head", "sum(eig)/sum|eig| of W_U W_OV W_E (Olsson; 1 = pure copying)"),
     "icl_score": ("model", "loss at a late position minus loss at an early one (negative = in-context learning)"),
+    "icl_score_repeats": ("model", "icl_score on the training distribution: validation windows with the run's "
+                                   "repeat curriculum (= plain text for a run without one)"),
     "text_loss": ("model", "mean next-token loss on the fixed validation windows (nats)"),
     "val_loss": ("model", "the trainer's validation loss saved in the checkpoint (nats)"),
     "induction_loss_first": ("model", "loss on the 1st copy of [x, x] (nats)"),
