@@ -39,8 +39,10 @@ from induction_dynamics.interpretability import metrics
 
 def late_split(model, tokens: torch.Tensor, k: int) -> dict:
     """Share and mean late loss of the predictive / misleading / no-match positions."""
-    loss = torch.cat([metrics.per_token_losses(model, tokens[i:i + 512]) for i in range(0, len(tokens), 512)])
-    predictive, misleading = metrics.earlier_match_masks(tokens, k)
+    chunks = [tokens[i:i + 512] for i in range(0, len(tokens), 512)]  # bounded memory at long blocks
+    loss = torch.cat([metrics.per_token_losses(model, c) for c in chunks])
+    masks = [metrics.earlier_match_masks(c, k) for c in chunks]
+    predictive, misleading = torch.cat([m[0] for m in masks]), torch.cat([m[1] for m in masks])
     n = loss.shape[1]
     late = slice(n - max(1, n // 8), n)
     groups = {"predictive": predictive, "misleading": misleading, "no match": ~(predictive | misleading)}
