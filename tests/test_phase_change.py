@@ -20,7 +20,7 @@ and measures it with the toolkit's metric functions (never the training logs):
   than the control's (measured: 0.14-0.16 in seeds 0-2);
 - the one-layer control never reaches an induction score of 0.1 (no phase change).
 
-Slow: 6 minutes measured on a busy 2-core machine (docs/phase_change.md has the figures).
+Slow: 6 min 49 s alone on a 2-core machine, 6 minutes under load (docs/phase_change.md has the figures).
 """
 
 from __future__ import annotations
