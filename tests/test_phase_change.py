@@ -34,7 +34,7 @@ import pytest
 import torch
 
 from induction_dynamics.checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint
-from induction_dynamics.data import BatchSampler, load_data
+from induction_dynamics.data import BatchSampler, curriculum_args, load_data
 from induction_dynamics.interpretability import metrics as M
 
 pytestmark = pytest.mark.slow
@@ -71,9 +71,7 @@ def curve(run_dir: Path) -> list[dict]:
     text = torch.stack([data.val[s:s + T] for s in starts.tolist()])  # (W, T) real text
     # the training distribution: the same validation split with the run's repeat curriculum,
     # one batch of the trainer's own sampler (as the analysis suite's icl_score_repeats)
-    text_repeats = BatchSampler(data.val, TEXT_WINDOWS, T, 2025, repeat_frac=d["repeat_frac"],
-                                repeat_kind=d["repeat_kind"], repeat_min=d["repeat_min"],
-                                repeat_max=d["repeat_max"], allowed_ids=allowed,
+    text_repeats = BatchSampler(data.val, TEXT_WINDOWS, T, 2025, **curriculum_args(d), allowed_ids=allowed,
                                 token_weights=data.counts).sample()[0]  # (W, T)
     early, late = M.icl_positions(T)
     rows = []

@@ -384,6 +384,16 @@ def load_data(name: str = "shakespeare", path=None, cache_dir=None, val_frac: fl
 
 # --------------------------------------------------------------------------- batches
 
+CURRICULUM_KEYS = ("repeat_frac", "repeat_kind", "repeat_min", "repeat_max")
+
+
+def curriculum_args(data_cfg) -> dict:
+    """``BatchSampler``'s repeat keyword arguments from a run's data config (``cfg.data``, or
+    a checkpoint's ``config["data"]``); keys the config lacks keep the sampler's defaults
+    (no curriculum), so the trainer and the analysis draw repeats the same way."""
+    return {k: data_cfg[k] for k in CURRICULUM_KEYS if k in data_cfg and data_cfg[k] is not None}
+
+
 class BatchSampler:
     """Random windows of a token stream, nanoGPT's ``get_batch`` with a private generator.
 

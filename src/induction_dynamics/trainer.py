@@ -37,7 +37,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from induction_dynamics import checkpoint as ckpt_io
 from induction_dynamics.config import ConfigError, run_names, to_plain, validate, validate_tokens
-from induction_dynamics.data import BatchSampler, load_data
+from induction_dynamics.data import BatchSampler, curriculum_args, load_data
 from induction_dynamics.distributed import DistContext
 from induction_dynamics.interpretability.metrics import probe_token_ids
 from induction_dynamics.model import GPT, GPTConfig
@@ -131,10 +131,8 @@ def _estimate_loss(model, data: torch.Tensor, cfg, dist, device, autocast, repea
     fixed seed: the same batches at every evaluation, and the training RNG is never touched.
     ``repeat``: write the training curriculum's repeats into the windows too, ``unigram``
     segments drawn from ``weights`` (the training split's token counts, as in training)."""
-    d = cfg.data
     sampler = BatchSampler(data, cfg.train.batch_size, cfg.model.block_size, EVAL_SEED,
-                           repeat_frac=d.repeat_frac if repeat else 0.0, repeat_kind=d.repeat_kind,
-                           repeat_min=d.repeat_min, repeat_max=d.repeat_max, allowed_ids=allowed,
+                           **(curriculum_args(cfg.data) if repeat else {}), allowed_ids=allowed,
                            token_weights=weights)
     losses = torch.zeros(cfg.train.eval_iters)
     for k in range(cfg.train.eval_iters):
@@ -193,8 +191,7 @@ def train(cfg, run_dir: str | Path | None = None, dist: DistContext | None = Non
     if t.batch_size % dist.world_size:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {dist.world_size} processes")
     d = cfg.data
-    sampler = BatchSampler(data.train, t.batch_size, cfg.model.block_size, cfg.seed, repeat_frac=d.repeat_frac,
-                           repeat_kind=d.repeat_kind, repeat_min=d.repeat_min, repeat_max=d.repeat_max,
+    sampler = BatchSampler(data.train, t.batch_size, cfg.model.block_size, cfg.seed, **curriculum_args(d),
                            allowed_ids=allowed, token_weights=data.counts)  # unigram segments: train frequencies
     probe = (InductionProbe(data.vocab_size, data.counts, cfg.probe.seq_len, cfg.probe.batch_size,
                             seed=cfg.probe.seed, device=device) if cfg.probe.enabled else None)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from induction_dynamics.analysis.config import SUITE_METRICS
-from induction_dynamics.data import BatchSampler
+from induction_dynamics.data import BatchSampler, curriculum_args
 from induction_dynamics.interpretability import activation_patching as ap
 from induction_dynamics.interpretability import logit_lens as ll
 from induction_dynamics.interpretability import metrics as M
@@ -125,12 +125,9 @@ def _repeat_windows(data_config: dict, val_tokens: torch.Tensor, T: int, n: int,
                     counts, seed: int) -> tuple[dict, torch.Tensor]:
     """(the curriculum, (n, T) validation windows with it): one batch of the trainer's own
     sampler (``data.BatchSampler``) over the validation split, with the run's repeat settings."""
-    repeats = {"frac": float(data_config.get("repeat_frac", 0.0) or 0.0),
-               "kind": data_config.get("repeat_kind", "random"),
-               "min_len": int(data_config.get("repeat_min", 10)), "max_len": int(data_config.get("repeat_max", 26))}
-    sampler = BatchSampler(val_tokens, n, T, seed, repeat_frac=repeats["frac"], repeat_kind=repeats["kind"],
-                           repeat_min=repeats["min_len"], repeat_max=repeats["max_len"], allowed_ids=allowed,
+    sampler = BatchSampler(val_tokens, n, T, seed, **curriculum_args(data_config), allowed_ids=allowed,
                            token_weights=counts)
+    repeats = {k: sampler.repeat[k] for k in ("frac", "kind", "min_len", "max_len")}
     return repeats, sampler.sample()[0]
 
 
