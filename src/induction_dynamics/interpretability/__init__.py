@@ -5,7 +5,9 @@
 
 Modules: ``utils`` (HookManager, ActivationCache), ``metrics`` (score definitions with
 their sources), ``attention_analysis`` (patterns, head scores, plots),
-``activation_patching`` (batched patching, attribution patching), ``logit_lens``.
+``activation_patching`` (batched patching, attribution patching), ``logit_lens``,
+``export`` (``to_hooked_transformer``: a TransformerLens model with the same weights; needs
+the ``[tl]`` extra, imported on use).
 """
 
 from induction_dynamics.interpretability import (  # noqa: F401
