@@ -107,7 +107,8 @@ def to_hooked_transformer(model_or_checkpoint, *, vocab: list[str] | None = None
     ``model_or_checkpoint``: a ``GPT``, a checkpoint dict (``{"model", "model_args", ...}``,
     see ``checkpoint``) or the path of a checkpoint file (read with ``weights_only=True``).
     ``vocab`` (token id -> character) sets the tokenizer; by default the checkpoint's own
-    ``vocab``, and none for a bare GPT (then feed token tensors). The result is in eval mode,
+    ``vocab``. Without one (a bare GPT) or with multi-character tokens there is no
+    tokenizer: feed token tensors. The result is in eval mode,
     on ``device`` (default: where the weights are), in the weights' dtype.
     """
     tl = _transformer_lens()
@@ -134,7 +135,9 @@ def to_hooked_transformer(model_or_checkpoint, *, vocab: list[str] | None = None
         positional_embedding_type="standard", default_prepend_bos=False,
         device=str(device if device is not None else weight.device), dtype=weight.dtype,
     )
-    hooked = tl.HookedTransformer(cfg, tokenizer=char_tokenizer(vocab) if vocab is not None else None)
+    # a vocabulary of longer tokens (a BPE run) needs its own tokenizer: feed token tensors then
+    chars = vocab is not None and all(len(t) == 1 for t in vocab)
+    hooked = tl.HookedTransformer(cfg, tokenizer=char_tokenizer(vocab) if chars else None)
     hooked.load_and_process_state_dict(_state_dict(model, c.n_head), fold_ln=False, center_writing_weights=False,
                                        center_unembed=False, fold_value_biases=False,
                                        refactor_factored_attn_matrices=False)
