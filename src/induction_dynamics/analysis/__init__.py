@@ -10,6 +10,16 @@ Layers (data flows one way):
 - ``plots``     the six figures from saved tables (no torch)
 - ``wandb_log`` the per-run W&B analysis run (no torch)
 - ``pipeline``  ``analyze(cfg)``, tying them together; ``config`` its typed schema
+- ``notebook``  ``analyze_checkpoint`` (one checkpoint -> rows, no file) and ``load_results``
 
-Nothing is imported here, so ``plots_only`` can run without torch installed.
+Nothing is imported here until asked for, so ``plots_only`` can run without torch installed.
 """
+
+__all__ = ["analyze_checkpoint", "load_results"]
+
+
+def __getattr__(name):  # ``from induction_dynamics.analysis import analyze_checkpoint`` imports on use
+    if name in __all__:
+        from induction_dynamics.analysis import notebook
+        return getattr(notebook, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

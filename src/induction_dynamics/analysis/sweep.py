@@ -91,6 +91,35 @@ def validation_tokens(train_config: dict, vocab: list[str]) -> torch.Tensor:
     return data.val
 
 
+def train_config_of(ckpt: dict, run_dir: Path | None) -> dict:
+    """The training config saved in the checkpoint, else the run dir's config.yaml, else {}."""
+    train_config = ckpt.get("config") or {}
+    if not train_config and run_dir is not None and (run_dir / "config.yaml").is_file():
+        train_config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    return train_config
+
+
+def probes_for(ckpt: dict, train_config: dict, cfg, val_tokens: torch.Tensor | None = None) -> Probes:
+    """A run's probes, from any of its checkpoints (they share vocabulary and token counts);
+    ``val_tokens``: the text windows' source when not the run's own validation split."""
+    args = ckpt["model_args"]
+    val = validation_tokens(train_config, ckpt.get("vocab")) if val_tokens is None else val_tokens
+    return make_probes(cfg.suite, vocab_size=args["vocab_size"], block_size=args["block_size"],
+                       token_counts=ckpt.get("token_counts"), val_tokens=val, seed=cfg.seed,
+                       data_config=train_config.get("data"))
+
+
+def checkpoint_rows(model, ckpt: dict, step: int, probes: Probes, metrics) -> tuple[pd.DataFrame, np.ndarray | None]:
+    """(the checkpoint's rows: step, tokens_seen, metric, layer, head, value; its per-token losses)."""
+    rows, tokens = run_suite(model, probes, metrics)
+    if ckpt.get("val_loss") is not None:
+        rows.append(("val_loss", -1, -1, float(ckpt["val_loss"])))
+    df = pd.DataFrame(rows, columns=["metric", "layer", "head", "value"])
+    df.insert(0, "step", step)
+    df.insert(1, "tokens_seen", int(ckpt.get("tokens_seen", -1)))
+    return df, tokens
+
+
 def prepare_run(run_dir: Path, label: str, cfg) -> RunContext | None:
     """Set up one run from its first readable checkpoint; None when it has none (errors recorded)."""
     metrics = validate_metrics(cfg.suite.metrics)
@@ -104,13 +133,8 @@ def prepare_run(run_dir: Path, label: str, cfg) -> RunContext | None:
     else:
         return RunContext(run_dir, label, -1, "", {}, {}, None, metrics, None, errors) if errors else None
     args = dict(ckpt["model_args"])
-    train_config = ckpt.get("config") or {}
-    if not train_config and (run_dir / "config.yaml").is_file():
-        train_config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
-    val = validation_tokens(train_config, ckpt.get("vocab"))
-    probes = make_probes(cfg.suite, vocab_size=args["vocab_size"], block_size=args["block_size"],
-                         token_counts=ckpt.get("token_counts"), val_tokens=val, seed=cfg.seed,
-                         data_config=train_config.get("data"))
+    train_config = train_config_of(ckpt, run_dir)
+    probes = probes_for(ckpt, train_config, cfg)
     max_iters = (train_config.get("train") or {}).get("max_iters")
     ctx = RunContext(run_dir, label, int(train_config.get("seed", -1)), R.shape_key(args),
                      {k: args.get(k) for k in SHAPE_FIELDS}, train_config, probes, metrics,
@@ -160,15 +184,10 @@ def analyse_checkpoint(run_dir: str, label: str, step: int, path: str, probes: P
         if args != expected_args:
             raise CheckpointError(f"model shape {args} differs from the run's first checkpoint {expected_args}")
         model = model_from_checkpoint(ckpt, device)
-        rows, tokens = run_suite(model, probes.to(device), metrics)
-        if ckpt.get("val_loss") is not None:
-            rows.append(("val_loss", -1, -1, float(ckpt["val_loss"])))
+        df, tokens = checkpoint_rows(model, ckpt, step, probes.to(device), metrics)
     except Exception as e:  # a bad checkpoint must not stop the sweep; report it in one line
         return {"run": label, "step": step, "path": str(path), "ok": False,
                 "error": f"{type(e).__name__}: {_one_line(e)}" if not isinstance(e, CheckpointError) else _one_line(e)}
-    df = pd.DataFrame(rows, columns=["metric", "layer", "head", "value"])
-    df.insert(0, "step", step)
-    df.insert(1, "tokens_seen", int(ckpt.get("tokens_seen", -1)))
     out = R.cache_path(run_dir, step)
     out.parent.mkdir(parents=True, exist_ok=True)
     if tokens is not None:
