@@ -1,4 +1,4 @@
-"""The six plots: written as PNG and PDF, readable, and regenerated from saved tables without torch."""
+"""The plots: written as PNG and PDF, readable, and regenerated from saved tables without torch."""
 
 import json
 import shutil
@@ -20,7 +20,7 @@ from test_analysis_sweep import cfg_for
 def plotted(tmp_path_factory):
     root = tmp_path_factory.mktemp("plots") / "sweep"
     for seed in (0, 1):
-        make_run(root / f"s{seed}", seed, steps=(0, 3, 6, 9, 12))
+        make_run(root / f"s{seed}", seed, steps=(0, 3, 6, 9, 12), shape={"n_layer": 2})  # 2: head pairs
     analyze(cfg_for(root, "wandb.mode=disabled"))
     return root
 
@@ -72,4 +72,5 @@ def test_plots_of_a_partial_metric_set_say_what_is_missing(plotted, tmp_path):
     fast = table[table["metric"].isin(["induction_score", "icl_score", "text_loss"])]
     paths, skipped = make_plots({"s0": fast}, {}, None, tmp_path, formats=["png"])
     assert sorted(p.stem for p in paths) == ["induction_heatmap", "induction_score_max", "loss_icl"]
-    assert len(skipped) == 3 and any("patching" in s for s in skipped)
+    assert len(skipped) == 4 and any("patching" in s for s in skipped)
+    assert any(s.startswith("composition: no composition_baseline") for s in skipped)

@@ -66,7 +66,8 @@ def test_table_has_every_metric_checkpoint_and_head(analysed):
     assert list(table.columns) == COLUMNS
     assert set(table["run"]) == {"seed0", "seed1"} and set(table["seed"]) == {0, 1}
     produced = {m for ms in SUITE_METRICS.values() for m in ms} | {"val_loss"}
-    assert set(table["metric"]) == produced and produced <= set(METRICS)
+    pairs = {m for m, (level, _) in METRICS.items() if level == "pair"}  # one layer: no head pairs
+    assert set(table["metric"]) == produced - pairs and produced <= set(METRICS)
     n_layer, n_head = 1, 2
     for (run, step), g in table.groupby(["run", "step"]):
         ckpt = load_checkpoint(history_path(root / run, step))
@@ -79,6 +80,8 @@ def test_table_has_every_metric_checkpoint_and_head(analysed):
                 assert cells == {(l, h) for l in range(n_layer) for h in range(n_head)}, metric
             elif level == "layer":
                 assert cells == {(l, -1) for l in range(n_layer)}, metric
+            elif level == "pair":
+                assert not cells, metric
             else:
                 assert cells == {(-1, -1)}, metric
     assert sorted(table["step"].unique()) == [0, 4, 8, 12]

@@ -26,6 +26,7 @@ SUITE_METRICS = {
     "patching": ["patch_resid", "patch_attn_out", "patch_mlp_out", "patch_head"],
     "attribution_patching": ["attribution_patch_head"],
     "logit_lens": ["logit_lens_prob", "logit_lens_rank", "logit_lens_convergence_layer"],
+    "composition": ["q_composition", "k_composition", "v_composition", "composition_baseline"],
 }
 
 

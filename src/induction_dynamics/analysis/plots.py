@@ -13,6 +13,8 @@ the same model shape (one run for a run's own plots, all seeds for a sweep's), a
 5. ``logit_lens``         logit-lens probability of the correct token per layer vs step
 6. ``token_loss_pca``     per-token losses of every checkpoint projected on 2 principal
                           components, a trajectory per run coloured by step (Olsson et al.)
+7. ``composition``        K-composition of the previous-token head into the induction head
+                          vs step (``dynamics_plots``; models with two layers or more)
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from induction_dynamics.analysis.table import (TOKEN_LOSS_PREFIX, curve, head_matrix,
+from induction_dynamics.analysis.table import (TOKEN_LOSS_PREFIX, circuit_composition, curve, head_matrix,
                                                layer_matrix, model_metric)
 
 PLOT_NAMES = ["induction_heatmap", "induction_score_max", "loss_icl", "patching", "logit_lens",
-              "token_loss_pca"]
+              "token_loss_pca", "composition"]
 
 
 def _seed_of(df: pd.DataFrame, label: str) -> str:
@@ -280,6 +282,12 @@ def make_plots(runs: dict[str, pd.DataFrame], tokens: dict[str, pd.DataFrame], p
         paths += plot_patching(runs, out_dir, formats, dpi)
     if need("logit_lens", "logit_lens_prob"):
         paths += plot_logit_lens(runs, out_dir, formats, dpi)
+    if need("composition", "composition_baseline", "induction_score", "previous_token_score"):
+        from induction_dynamics.analysis.dynamics_plots import plot_composition
+        if any(circuit_composition(df) is not None for df in runs.values()):
+            paths += plot_composition(runs, phase, out_dir, formats, dpi)
+        else:
+            skipped.append("composition: no head pair (a one-layer model)")
     if not any(r in tokens and len(tokens[r]) for r in runs):
         skipped.append("token_loss_pca: no per-token losses (token_loss not in suite.metrics)")
     else:

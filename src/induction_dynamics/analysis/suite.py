@@ -31,7 +31,9 @@ import torch
 
 from induction_dynamics.analysis.config import SUITE_METRICS
 from induction_dynamics.data import BatchSampler, curriculum_args
+from induction_dynamics.analysis.table import pair_metric
 from induction_dynamics.interpretability import activation_patching as ap
+from induction_dynamics.interpretability import composition as comp
 from induction_dynamics.interpretability import logit_lens as ll
 from induction_dynamics.interpretability import metrics as M
 
@@ -135,6 +137,13 @@ def _head_rows(metric: str, scores: torch.Tensor) -> list[tuple]:
     return [(metric, l, h, float(v)) for l, row in enumerate(scores.tolist()) for h, v in enumerate(row)]
 
 
+def _pair_rows(family: str, scores: torch.Tensor) -> list[tuple]:
+    """Rows of a (n_layer, n_head, n_layer, n_head) pair score, every sender in an earlier layer."""
+    L, H = scores.shape[:2]
+    return [(pair_metric(family, la, ha), lb, hb, float(scores[la, ha, lb, hb]))
+            for la in range(L) for ha in range(H) for lb in range(la + 1, L) for hb in range(H)]
+
+
 def _layer_rows(metric: str, values) -> list[tuple]:
     return [(metric, l, -1, float(v)) for l, v in enumerate(torch.as_tensor(values).tolist())]
 
@@ -190,4 +199,9 @@ def run_suite(model, probes: Probes, metrics) -> tuple[list[tuple], np.ndarray |
         rows += _layer_rows("logit_lens_rank", lens.target_ranks)
         conv = ll.measure_convergence(lens)["convergence_layer"]
         rows.append(("logit_lens_convergence_layer", -1, -1, float(conv)))
+    if "composition" in metrics:
+        for kind, scores in comp.all_composition_scores(model).items():
+            rows += _pair_rows(f"{kind.lower()}_composition", scores)
+        c = model.config
+        rows.append(("composition_baseline", -1, -1, comp.composition_baseline(c.n_embd, c.n_embd // c.n_head)))
     return rows, tokens

@@ -16,6 +16,13 @@ Columns (``COLUMNS``)::
 Logit-lens rows use ``layer`` = number of blocks applied before the unembedding
 (0 = embeddings only, n_layer = the model's output), as ``LogitLens.target_probs`` does.
 
+Head pairs (level ``pair``: the composition scores) put the *receiving* head in ``layer`` and
+``head`` and the *sending* head, always in an earlier layer, in the metric name after a
+slash: ``k_composition/L0H2`` in row (layer 1, head 3) is how much head 1.3's keys read what
+head 0.2 writes (``pair_metric``; ``metric_family`` gives back ``k_composition``, and
+``pair_table`` the four indices as columns). In W&B that is
+``analysis/k_composition/L0H2/L1H3``: sender, then receiver.
+
 Per-token losses (for the PCA of plot 6) do not fit this schema (they are indexed by
 text position), so they live in a separate wide table: one row per (run, step), one
 column per evaluated token (``TOKEN_LOSS_PREFIX`` + index).
@@ -34,7 +41,7 @@ DTYPES = {"run": "string", "seed": "int64", "step": "int64", "tokens_seen": "int
           "metric": "string", "layer": "int64", "head": "int64", "value": "float64"}
 TOKEN_LOSS_PREFIX = "tok_"
 
-# metric name in the table -> (level, what it is). Level: head | layer | model.
+# metric name (for pairs: family) in the table -> (level, what it is). Level: head | layer | model | pair.
 METRICS = {
     "induction_score": ("head", "attention from [x, x]'s 2nd copy to the token after the 1st occurrence (1 = perfect)"),
     "prefix_matching_score": ("head", "attention to the token after the previous occurrence, 25 tokens x4 (Olsson)"),
@@ -57,7 +64,63 @@ METRICS = {
     "logit_lens_prob": ("layer", "probability of the correct next token read after l blocks (0 = embeddings)"),
     "logit_lens_rank": ("layer", "rank of the correct next token read after l blocks"),
     "logit_lens_convergence_layer": ("model", "first layer from which the lens's prediction stays right"),
+    "q_composition": ("pair", "||W_OV^A W_QK^B||_F / (||W_OV^A|| ||W_QK^B||): A feeds B's queries (Elhage et al.)"),
+    "k_composition": ("pair", "||W_OV^A W_QK^B^T||_F / (||W_OV^A|| ||W_QK^B||): A feeds B's keys (induction)"),
+    "v_composition": ("pair", "||W_OV^A W_OV^B||_F / (||W_OV^A|| ||W_OV^B||): A feeds B's values"),
+    "composition_baseline": ("model", "the composition score of random matrices of the same shapes"),
 }
+
+
+def pair_metric(family: str, layer: int, head: int) -> str:
+    """Table metric of a pair whose sending head is (layer, head): ``k_composition/L0H2``."""
+    return f"{family}/L{layer}H{head}"
+
+
+def metric_family(metric: str) -> str:
+    """The METRICS key of a table metric (``k_composition/L0H2`` -> ``k_composition``)."""
+    return metric.split("/", 1)[0]
+
+
+def pair_table(df: pd.DataFrame, family: str) -> pd.DataFrame:
+    """A pair metric's rows with the sending head as columns: step, src_layer, src_head, layer, head, value."""
+    d = df[df["metric"].str.startswith(family + "/")]
+    src = d["metric"].str.extract(r"/L(\d+)H(\d+)$").astype("int64")
+    return pd.DataFrame({"step": d["step"].to_numpy(), "src_layer": src[0].to_numpy(), "src_head": src[1].to_numpy(),
+                         "layer": d["layer"].to_numpy(), "head": d["head"].to_numpy(), "value": d["value"].to_numpy()})
+
+
+def induction_circuit(df: pd.DataFrame) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """((layer, head) of the induction head, (layer, head) of its previous-token partner).
+
+    The induction head: the highest ``induction_score`` at the last checkpoint among heads
+    that have an earlier layer to compose with (layer >= 1); its partner: the highest
+    ``previous_token_score`` at that checkpoint among the heads of earlier layers. None when
+    the table lacks either score or the model has one layer.
+    """
+    last = df[df["step"] == df["step"].max()]
+    ind = last[(last["metric"] == "induction_score") & (last["layer"] >= 1)]
+    prev = last[last["metric"] == "previous_token_score"]
+    if ind.empty or prev.empty:
+        return None
+    top = ind.loc[ind["value"].idxmax()]
+    prev = prev[prev["layer"] < top["layer"]]
+    partner = prev.loc[prev["value"].idxmax()]
+    return (int(top["layer"]), int(top["head"])), (int(partner["layer"]), int(partner["head"]))
+
+
+def circuit_composition(df: pd.DataFrame) -> dict[str, pd.Series] | None:
+    """{"K", "Q", "V": composition of ``induction_circuit``'s pair (previous-token head into
+    induction head) by step}, or None when there is no pair or no composition rows."""
+    circuit = induction_circuit(df)
+    if circuit is None:
+        return None
+    (li, hi), (lp, hp) = circuit
+    out = {}
+    for kind in "KQV":
+        t = pair_table(df, f"{kind.lower()}_composition")
+        t = t[(t["src_layer"] == lp) & (t["src_head"] == hp) & (t["layer"] == li) & (t["head"] == hi)]
+        out[kind] = t.groupby("step")["value"].mean().sort_index()
+    return out if not out["K"].empty else None
 
 
 def make_frame(records: list[dict] | pd.DataFrame) -> pd.DataFrame:
@@ -130,5 +193,7 @@ def wide_by_step(df: pd.DataFrame) -> pd.DataFrame:
     out = df.assign(key=[wandb_key(m, l, h) for m, l, h in zip(df["metric"], df["layer"], df["head"])])
     wide = out.pivot_table(index=["step", "tokens_seen"], columns="key", values="value", aggfunc="mean")
     for metric in df.loc[df["head"] >= 0, "metric"].unique():
+        if METRICS.get(metric_family(metric), ("head",))[0] == "pair":
+            continue  # a pair's sender is in its name: no max over heads
         wide[f"analysis/{metric}_max"] = max_over_heads(df, metric).reindex(wide.index.get_level_values("step")).to_numpy()
     return wide.reset_index().sort_values("step").reset_index(drop=True)

@@ -10,6 +10,9 @@ curves sit on the same x-axis as ``train/loss`` in the group's workspace. Keys:
     analysis/<metric>/L<l>H<h>             head-level (induction_score/L1H3, ...)
     analysis/<metric>_max                  max over heads of a head-level metric
     analysis/phase_window/<curve>          1 inside the detected window, else 0 (a marker)
+    analysis/circuit/<k|q|v>_composition   composition of the previous-token head into the
+                                           induction head (table.induction_circuit; summary
+                                           analysis/circuit/induction_head, .../previous_token_head)
     analysis/plots/<plot>                  the run's plots as images (heatmaps etc.)
     analysis/checkpoints                   wandb.Table, one row per checkpoint
     summary analysis/phase/<curve>/...     detected, mid_step, start_step, end_step, loss_bump
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from induction_dynamics.analysis.table import wide_by_step
+from induction_dynamics.analysis.table import circuit_composition, induction_circuit, wide_by_step
 
 
 def run_name(info: dict) -> str:
@@ -82,6 +85,14 @@ class AnalysisLogger:
             self.logger.log({f"analysis/phase_window/{r['metric']}":
                              int(bool(r["detected"]) and r["start_step"] <= s <= r["end_step"]) for r in records},
                             step=int(s))
+        comp = circuit_composition(table)  # the pair is known only once the last checkpoint is in
+        if comp is not None:
+            (li, hi), (lp, hp) = induction_circuit(table)
+            summary["analysis/circuit/induction_head"] = f"L{li}H{hi}"
+            summary["analysis/circuit/previous_token_head"] = f"L{lp}H{hp}"
+            for s in steps:
+                self.logger.log({f"analysis/circuit/{k.lower()}_composition": float(v[s])
+                                 for k, v in comp.items() if s in v.index}, step=int(s))
         summary["analysis/n_checkpoints"] = len(steps)
         self.logger.summary(summary)
         for p in plot_paths:

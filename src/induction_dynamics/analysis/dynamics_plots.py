@@ -1,0 +1,63 @@
+"""Plots of how the induction circuit is built, from the saved tables only (no torch).
+
+7. ``composition``  K-, Q- and V-composition of the previous-token head into the induction
+                    head (``table.induction_circuit``: picked at the last checkpoint) vs step,
+                    with the random-matrix baseline; below, that pair's induction and
+                    previous-token scores. Phase window shaded (Elhage et al. 2021).
+
+Same conventions and helpers as ``plots`` (which calls these from ``make_plots``): ``runs``
+is ``{run label: tidy DataFrame}`` of one model shape, one line per run, files
+``<out_dir>/<name>.<fmt>``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from induction_dynamics.analysis.plots import _save, _seed_of, _shade, _windows
+from induction_dynamics.analysis.table import circuit_composition, induction_circuit, model_metric
+
+
+def _head_curve(df: pd.DataFrame, metric: str, layer: int, head: int) -> pd.Series:
+    d = df[(df["metric"] == metric) & (df["layer"] == layer) & (df["head"] == head)]
+    return d.groupby("step")["value"].mean().sort_index()
+
+
+def plot_composition(runs: dict, phase, out_dir: Path, formats, dpi) -> list[Path]:
+    fig = Figure(figsize=(6.4, 6), layout="constrained")
+    ax, ax_scores = fig.subplots(2, 1, sharex=True)
+    baselines = []
+    for label, df in runs.items():
+        comp = circuit_composition(df)
+        if comp is None:
+            continue
+        (li, hi), (lp, hp) = induction_circuit(df)
+        name = f"{_seed_of(df, label)}: L{lp}H{hp} → L{li}H{hi}"
+        line, = ax.plot(comp["K"].index, comp["K"].to_numpy(), marker="o", ms=3, lw=1.5, label=f"{name}, K")
+        c = line.get_color()
+        ax.plot(comp["Q"].index, comp["Q"].to_numpy(), ls="--", lw=1, color=c, label=f"{name}, Q")
+        ax.plot(comp["V"].index, comp["V"].to_numpy(), ls=":", lw=1, color=c, label=f"{name}, V")
+        ind = _head_curve(df, "induction_score", li, hi)
+        prev = _head_curve(df, "previous_token_score", lp, hp)
+        ax_scores.plot(ind.index, ind.to_numpy(), color=c, lw=1.5, label=f"{_seed_of(df, label)}: induction L{li}H{hi}")
+        ax_scores.plot(prev.index, prev.to_numpy(), color=c, lw=1, ls="--",
+                       label=f"{_seed_of(df, label)}: previous token L{lp}H{hp}")
+        b = model_metric(df, "composition_baseline")
+        if not b.empty:
+            baselines.append(float(b.mean()))
+    if baselines:
+        ax.axhline(sum(baselines) / len(baselines), color="grey", lw=1, ls="-.", label="random matrices")
+    w = _windows(phase, "induction_score_max")
+    for a in (ax, ax_scores):
+        _shade(a, w)
+    ax.set_ylabel("composition score")
+    ax.set_title("Previous-token head → induction head (pair of the last checkpoint)")
+    ax.legend(fontsize=7)
+    ax_scores.set_ylabel("head score")
+    ax_scores.set_ylim(0, 1)
+    ax_scores.set_xlabel("training step")
+    ax_scores.legend(fontsize=7)
+    return _save(fig, out_dir, "composition", formats, dpi)

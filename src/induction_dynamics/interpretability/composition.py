@@ -1,0 +1,131 @@
+"""Composition scores between heads (Elhage et al. 2021, "A Mathematical Framework for
+Transformer Circuits"), in TransformerLens's conventions.
+
+    scores = composition_scores(model, "K")    # (n_layer, n_head, n_layer, n_head)
+    scores[0, 1, 1, 0]                         # how much L1H0's keys read what L0H1 writes
+    composition_baseline(d_model, d_head)      # the same score for random matrices
+
+A head's OV circuit ``W_OV = W_V W_O`` and QK circuit ``W_QK = W_Q W_K^T`` are
+d_model x d_model maps of rank d_head (row-vector convention: ``x @ W_V @ W_O`` is what the
+head writes, ``x_q @ W_QK @ x_k^T`` its attention score). An earlier head A composes with a
+later head B when what A writes is what B reads:
+
+    Q-composition  ||W_OV^A W_QK^B||_F   / (||W_OV^A||_F ||W_QK^B||_F)   (A feeds B's queries)
+    K-composition  ||W_OV^A W_QK^B^T||_F / (||W_OV^A||_F ||W_QK^B||_F)   (A feeds B's keys)
+    V-composition  ||W_OV^A W_OV^B||_F   / (||W_OV^A||_F ||W_OV^B||_F)   (A feeds B's values)
+
+An induction head is K-composition with a previous-token head: its keys read the token
+*before* each position, which the previous-token head wrote there. Scores lie in [0, 1];
+pairs whose receiving head is not in a later layer are 0, as in TransformerLens's
+``HookedTransformer.all_composition_scores``.
+
+Layer norm: each block's ln_1 gain is folded into its W_Q, W_K, W_V, and every weight is
+centred over d_model (the all-ones direction the layer norm removes, both where a head
+writes and where the next one reads), as TransformerLens's default weight processing does
+(``fold_ln``, ``center_writing_weights``) before it scores composition. The norms are computed from the d_head x d_head factors (never the
+d_model x d_model products), in float64.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+KINDS = ("Q", "K", "V")
+
+
+def _factors(model) -> dict[str, torch.Tensor]:
+    """Per-head factors (n_layer, n_head, ...): W_Q, W_K, W_V (C, hs) with ln_1 folded in, and
+    every factor centred over C (W_O (hs, C) too)."""
+    out = {"Q": [], "K": [], "V": [], "O": []}
+    for block in model.transformer.h:
+        attn = block.attn
+        C, nh = attn.n_embd, attn.n_head
+        hs = C // nh
+        g = block.ln_1.weight.detach().double()  # (C,)
+        w = attn.c_attn.weight.detach().double()  # (3C, C): rows q | k | v, nn.Linear's (out, in)
+        for name, rows in zip("QKV", w.split(C)):
+            w_in = g[:, None] * rows.T  # (C, nh*hs): ln_1's gain folded in
+            # the layer norm's output has mean 0 over C, so the mean over C of a reading weight
+            # reads nothing: drop it (TransformerLens's fold_ln does the same)
+            out[name].append((w_in - w_in.mean(0, keepdim=True)).reshape(C, nh, hs).permute(1, 0, 2))
+        w_o = attn.c_proj.weight.detach().double().T.reshape(nh, hs, C)  # (nh, hs, C)
+        out["O"].append(w_o - w_o.mean(-1, keepdim=True))
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def _gram(x: torch.Tensor, left: bool) -> torch.Tensor:
+    """X^T X for a left factor (.., C, r), X X^T for a right factor (.., r, C): both (.., r, r)."""
+    return x.transpose(-2, -1) @ x if left else x @ x.transpose(-2, -1)
+
+
+def _scores(a_left, a_right, b_left, b_right) -> torch.Tensor:
+    """||A B||_F / (||A||_F ||B||_F) for A = a_left a_right ((.., C, r) times (.., r, C)) and
+    B = b_left b_right, broadcasting the leading dimensions like TransformerLens's
+    ``composition_scores(..., broadcast_dims=True)`` does for ``A[:, None]`` against ``B[None]``.
+
+    ``||L R||_F^2 = tr(G_L G_R)`` with the factors' Gram matrices, and
+    ``A B = a_left (a_right b_left) b_right``, so everything is r x r.
+    """
+    ga, gb = _gram(a_left, True), _gram(b_right, False)  # (.., r, r)
+    norm_a = (ga * _gram(a_right, False)).sum((-2, -1)).clamp_min(0).sqrt()
+    norm_b = (_gram(b_left, True) * gb).sum((-2, -1)).clamp_min(0).sqrt()
+    m = a_right @ b_left  # (.., r, r)
+    prod = ((m @ gb) * (ga @ m)).sum((-2, -1)).clamp_min(0).sqrt()
+    return prod / (norm_a * norm_b).clamp_min(1e-30)
+
+
+def _kind_scores(f: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    L, H = f["Q"].shape[:2]
+    flat = {k: v.reshape(L * H, *v.shape[2:]) for k, v in f.items()}
+    ov_l, ov_r = flat["V"], flat["O"]  # W_OV = W_V W_O
+    if kind == "Q":  # W_QK = W_Q W_K^T
+        b_l, b_r = flat["Q"], flat["K"].transpose(-2, -1)
+    elif kind == "K":  # W_QK^T = W_K W_Q^T
+        b_l, b_r = flat["K"], flat["Q"].transpose(-2, -1)
+    elif kind == "V":
+        b_l, b_r = ov_l, ov_r
+    else:
+        raise ValueError(f"composition kind must be one of {KINDS}, got {kind!r}")
+    s = _scores(ov_l[:, None], ov_r[:, None], b_l[None], b_r[None]).reshape(L, H, L, H)
+    later = torch.arange(L)[:, None, None, None] < torch.arange(L)[None, None, :, None]  # (L, 1, L, 1)
+    return torch.where(later, s, torch.zeros_like(s))
+
+
+@torch.no_grad()
+def composition_scores(model, kind: str = "K") -> torch.Tensor:
+    """(n_layer, n_head, n_layer, n_head) ``kind``-composition scores, float32.
+
+    ``scores[la, ha, lb, hb]``: head (la, ha) writing into head (lb, hb)'s queries ("Q"),
+    keys ("K") or values ("V"); 0 unless la < lb. TransformerLens's
+    ``all_composition_scores(kind)`` on the same (processed) weights gives the same tensor.
+    """
+    return _kind_scores(_factors(model), kind).float()
+
+
+@torch.no_grad()
+def all_composition_scores(model) -> dict[str, torch.Tensor]:
+    """``{"Q": ..., "K": ..., "V": ...}`` from one pass over the weights (see composition_scores)."""
+    f = _factors(model)
+    return {k: _kind_scores(f, k).float() for k in KINDS}
+
+
+@lru_cache(maxsize=16)  # once per model shape and process, not once per checkpoint
+@torch.no_grad()
+def composition_baseline(d_model: int, d_head: int, n_samples: int = 1024, seed: int = 0) -> float:
+    """Mean composition score of random matrices of the same shapes (Elhage et al.'s baseline).
+
+    Every factor (d_model x d_head or d_head x d_model) has i.i.d. standard normal entries;
+    the score is scale-free, so the variance does not matter. Q-, K- and V-composition
+    compose the same shapes (two rank-d_head products of independent factors), so they
+    share one baseline; ``n_samples`` pairs from a fixed ``seed`` make it reproducible
+    (about 0.3 % standard error at the default for d_model 64, d_head 16).
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(*shape):
+        return torch.randn(n_samples, *shape, generator=g, dtype=torch.float64)
+
+    return float(_scores(draw(d_model, d_head), draw(d_head, d_model), draw(d_model, d_head),
+                         draw(d_head, d_model)).mean())
