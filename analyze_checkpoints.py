@@ -7,29 +7,27 @@
     python analyze_checkpoints.py run_dir=... n_jobs=2           # checkpoints in parallel
     python analyze_checkpoints.py -m run_dir=a,b hydra/launcher=submitit_local   # one job per run dir
 
-Config: conf/analyze.yaml. The work is done by ``induction_dynamics.analysis.pipeline.analyze``.
+Config: conf/analyze.yaml. The work is done by ``induction_dynamics.analysis.pipeline.analyze``. Bad
+input (an unknown key, a wrong type, a missing run_dir, a run without checkpoints) prints one line
+and exits with status 2; set HYDRA_FULL_ERROR=1 for the full traceback.
 """
 
-import logging
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
 import induction_dynamics.analysis.config  # noqa: F401  (registers the config schema)
-from induction_dynamics.analysis.pipeline import analyze
-from induction_dynamics.analysis.runs import AnalysisError
+from induction_dynamics.cli import main_wrapper, one_line_errors
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="analyze")
-def main(cfg: DictConfig) -> None:
-    try:
-        analyze(cfg)
-    except AnalysisError as e:  # bad input: one clear line, no traceback
-        logging.getLogger("analyze").debug("analysis failed", exc_info=True)
-        print(f"analyze_checkpoints.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+@one_line_errors
+def hydra_main(cfg: DictConfig) -> None:
+    from induction_dynamics.analysis.pipeline import analyze
+
+    analyze(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main_wrapper(hydra_main))

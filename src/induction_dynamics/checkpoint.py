@@ -1,10 +1,6 @@
 """Checkpoint files: the contract between the trainer and the analysis sweep.
 
-A run directory holds::
-
-    <run_dir>/config.yaml                  resolved config (plain YAML)
-    <run_dir>/checkpoints/step_000500.pt   history checkpoint, one file per step
-    <run_dir>/resume.pt                    optimizer + RNG + data position (latest only)
+Where the files of a run directory live: ``run_files.py``.
 
 A history checkpoint is nanoGPT's format without optimizer state::
 
@@ -15,64 +11,46 @@ A history checkpoint is nanoGPT's format without optimizer state::
      "config": {...resolved config as plain dict...},
      "val_loss": float | None}
 
-Every file is written atomically (temporary name, fsync, rename) and read with
+Every file is written atomically (``files.atomic_write``) and read with
 ``torch.load(weights_only=True)``: no pickled objects, so a malicious file cannot run code.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import tempfile
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from induction_dynamics.files import atomic_write
 from induction_dynamics.model import GPT, GPTConfig
-
-STEP_RE = re.compile(r"^step_(\d+)\.pt$")
+from induction_dynamics.run_files import (history_path, list_checkpoints, resume_path,  # noqa: F401 (re-exported)
+                                         verify_checkpoint)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated, corrupted or not in our format."""
 
 
-def history_path(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step_{step:06d}.pt"
-
-
-def resume_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "resume.pt"
-
-
 def save_atomic(obj, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are meant to be shared and read
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """torch.save ``obj`` to ``path`` atomically (``files.atomic_write``)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Load a checkpoint safely (``weights_only=True``); raise CheckpointError with one clear line."""
+def load_checkpoint(path: str | Path, map_location="cpu", sha256: str | None = None) -> dict:
+    """Load a checkpoint safely (``weights_only=True``); raise CheckpointError with one clear line.
+
+    A history checkpoint whose bytes differ from the sha256 its run's manifest recorded at save
+    time is refused (``sha256``: the file's digest, when the caller has computed it already).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        verify_checkpoint(path, sha256)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, bad magic, or a pickle that asks for a forbidden global
@@ -81,15 +59,6 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"not a checkpoint (no 'model' entry): {path}")
     return ckpt
-
-
-def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """History checkpoints of a run as ``[(step, path), ...]`` sorted by step."""
-    folder = Path(run_dir) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_RE.match(p.name))]
-    return sorted(found)
 
 
 def history_steps(max_iters: int, every: int, schedule: str = "linear") -> list[int]:
@@ -128,3 +97,29 @@ def model_from_checkpoint(ckpt: dict, device="cpu") -> GPT:
     model = GPT(GPTConfig(**{k: v for k, v in ckpt["model_args"].items() if k in fields}))
     model.load_state_dict(strip_prefixes(ckpt["model"]))
     return model.to(device).eval()
+
+
+# resume.pt's RNG state: every generator the process owns, restored exactly on resume
+
+def rng_state(device: torch.device) -> dict:
+    """Every RNG the process owns, as tensors and plain lists (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+             "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss}}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])

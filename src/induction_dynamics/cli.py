@@ -6,7 +6,7 @@
 Hydra normally prints its own multi-line report for configuration errors (unknown group
 option, unknown key, wrong type); here Hydra is asked to raise instead and the message is
 folded into one line. Errors of our own (``ConfigError``, ``DataError``, ``CheckpointError``,
-``TrainingError``) already carry one-line messages. Anything else is a bug and keeps its
+``TrainingError``, ``AnalysisError``) already carry one-line messages. Anything else is a bug and keeps its
 traceback. ``HYDRA_FULL_ERROR=1`` (set by the user) shows full tracebacks for everything.
 """
 
@@ -25,6 +25,7 @@ _USER_FULL_ERROR = "INDUCTION_DYNAMICS_FULL_ERROR"  # the user's HYDRA_FULL_ERRO
 # a second, without importing torch.
 _KNOWN = {("induction_dynamics", "ConfigError"), ("induction_dynamics", "DataError"),
           ("induction_dynamics", "CheckpointError"), ("induction_dynamics", "TrainingError"),
+          ("induction_dynamics", "AnalysisError"),
           ("hydra", "HydraException"), ("omegaconf", "OmegaConfBaseException")}
 
 

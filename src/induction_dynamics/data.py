@@ -22,7 +22,6 @@ import json
 import os
 import re
 import string
-import tempfile
 import unicodedata
 import warnings
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from induction_dynamics.files import write_bytes
 
 NAMES = ("shakespeare", "text_file", "synthetic")
 CACHE_ENV = "INDUCTION_DYNAMICS_CACHE"
@@ -226,21 +227,6 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "induction-dynamics"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, rename: never a truncated file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache should stay readable
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -271,9 +257,9 @@ def _write_cache(folder: Path, data: CharData, text: str, source_hash: str, val_
     folder.mkdir(parents=True, exist_ok=True)
     blobs = {split: getattr(data, split).numpy().astype(np.uint16).tobytes() for split in ("train", "val")}
     for split, raw in blobs.items():
-        _write_atomic(folder / f"{split}.bin", raw)
+        write_bytes(folder / f"{split}.bin", raw)
     if source == "shakespeare":  # the converted text, for people who want to read it
-        _write_atomic(folder / "input.txt", text.encode("utf-8"))
+        write_bytes(folder / "input.txt", text.encode("utf-8"))
     meta = {
         "format_version": FORMAT_VERSION,
         "source": source,
@@ -289,7 +275,7 @@ def _write_cache(folder: Path, data: CharData, text: str, source_hash: str, val_
         "val_sha256": _sha256(blobs["val"]),
     }
     # meta.json last: its presence (with matching hashes) is what marks the build complete.
-    _write_atomic(folder / "meta.json", (json.dumps(meta, indent=1) + "\n").encode("utf-8"))
+    write_bytes(folder / "meta.json", (json.dumps(meta, indent=1) + "\n").encode("utf-8"))
 
 
 def _tokenize(text: str, val_frac: float) -> CharData:

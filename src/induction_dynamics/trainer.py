@@ -1,13 +1,20 @@
 """``train(cfg)``: nanoGPT's training loop with a checkpoint history, exact resume and a live probe.
 
-One pure function (``train.py`` is a thin ``@hydra.main`` around it). Per iteration ``it``
-(the state after ``it`` optimizer steps), in this order::
+One pure function (``train.py`` is a thin ``@hydra.main`` around it). ``train`` sets up a
+``Run`` (data, model, optimizer, W&B), then loops over named steps; at iteration ``it`` (the
+state after ``it`` optimizer steps), in this order::
 
-    eval (it % eval_every == 0 or last)    -> val/loss, train/eval_loss, W&B
-    probe (it % probe.every == 0 or last)  -> probe/*, W&B
-    history checkpoint (it in checkpoint.history_steps(...)) -> checkpoints/step_XXXXXX.pt
-    resume file (at history steps and evals) -> resume.pt (optimizer, RNG, data position)
-    optimizer step: grad_accum micro-batches, clip, AdamW with warm-up + cosine lr
+    evaluate  (it % eval_every == 0 or last)  -> val/loss, train/eval_loss, W&B
+    probe     (it % probe.every == 0 or last) -> probe/*, W&B
+    save      (it in checkpoint.history_steps(...)) -> checkpoints/step_XXXXXX.pt + manifest.json;
+              (history steps and evals) -> resume.pt (optimizer, RNG, data position)
+    step      one optimizer step: grad_accum micro-batches, clip, AdamW, warm-up + cosine lr
+    log_train (it % log_every == 0 or last)   -> train/loss, train/grad_norm, train/lr, W&B
+
+As in nanoGPT, the loss is read back from the device (``.item()``, an all-reduce under DDP)
+only at log intervals, never per micro-step: a GPU is not stalled to print a number. The
+check for a non-finite loss runs there too; a checkpoint is never written from non-finite
+weights.
 
 Evaluation and the probe draw from their own generators and run in eval mode, so they never
 change the training trajectory: same seed -> bitwise-identical weights on CPU, and a run
@@ -26,7 +33,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +43,11 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from induction_dynamics import checkpoint as ckpt_io
+from induction_dynamics import run_files
 from induction_dynamics.config import ConfigError, run_names, to_plain, validate, validate_tokens
-from induction_dynamics.data import BatchSampler, curriculum_args, load_data
+from induction_dynamics.data import BatchSampler, CharData, curriculum_args, load_data
 from induction_dynamics.distributed import DistContext
+from induction_dynamics.files import write_text
 from induction_dynamics.interpretability.metrics import probe_token_ids
 from induction_dynamics.model import GPT, GPTConfig
 from induction_dynamics.probe import InductionProbe
@@ -71,32 +80,6 @@ def get_lr(it: int, lr: float, min_lr: float, warmup_iters: int, lr_decay_iters:
         return min_lr
     ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
-
-
-# --------------------------------------------------------------------------- RNG state
-
-def rng_state(device: torch.device) -> dict:
-    """Every RNG the process owns, as tensors and plain lists (weights_only-loadable)."""
-    np_state = np.random.get_state()
-    py_version, py_state, py_gauss = random.getstate()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                       "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-             "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss}}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # --------------------------------------------------------------------------- helpers
@@ -143,6 +126,238 @@ def _estimate_loss(model, data: torch.Tensor, cfg, dist, device, autocast, repea
     return dist.mean(losses.mean().item())  # equal shards: the mean of rank means is the global mean
 
 
+# --------------------------------------------------------------------------- the run
+
+@dataclass
+class Run:
+    """Everything one training run holds while it trains (set up by ``_setup``)."""
+
+    cfg: object
+    run_dir: Path
+    dist: DistContext
+    device: torch.device
+    data: CharData
+    allowed: torch.Tensor               # (n_allowed,) token ids the repeats and the probe draw from
+    sampler: BatchSampler
+    probe: InductionProbe | None
+    gptconf: GPTConfig
+    raw_model: GPT                      # the un-wrapped model: state_dict, hooks, the probe
+    model: torch.nn.Module              # what the step runs: compiled and/or DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    autocast: contextlib.AbstractContextManager
+    plain: dict                         # the resolved config as a plain dict (saved in checkpoints)
+    history_steps: set[int]
+    iter_num: int = 0
+    tokens_seen: int = 0
+    last_val: float | None = None
+    lr: float = 0.0
+    resumed_at: int | None = None       # the iteration resume.pt held, when resumed
+    wb: WandbLogger | None = None
+    summary: dict = field(default_factory=dict)
+    # device-side sums since the last log_train (read back there, not per micro-step)
+    loss_sum: torch.Tensor | None = None
+    grad_norm_sum: torch.Tensor | None = None
+    n_steps: int = 0
+    t_log: float = 0.0
+    it_log: int = 0
+
+    @property
+    def tokens_per_iter(self) -> int:
+        t = self.cfg.train
+        return t.grad_accum * t.batch_size * self.cfg.model.block_size
+
+    @property
+    def resume_file(self) -> Path:
+        return ckpt_io.resume_path(self.run_dir)
+
+    def due(self, every: int) -> bool:
+        """At this iteration, every ``every`` iterations and at the last; never twice for the
+        iteration a resumed run starts at (it was done before resume.pt was written)."""
+        it = self.iter_num
+        return it != self.resumed_at and (it % every == 0 or it == self.cfg.train.max_iters)
+
+    def checkpoint(self, val_loss) -> dict:
+        return {"model": self.raw_model.state_dict(), "model_args": asdict(self.gptconf), "iter_num": self.iter_num,
+                "step": self.iter_num, "tokens_seen": self.tokens_seen, "vocab": list(self.data.vocab),
+                "token_counts": self.data.counts.tolist(), "config": self.plain, "val_loss": val_loss}
+
+
+def _load_resume(cfg, run_dir: Path):
+    """(the config to train with, resume.pt's contents or None); checks done before any file is written."""
+    resume_file = ckpt_io.resume_path(run_dir)
+    if cfg.train.resume:  # a kill during a save leaves only a temporary file: drop it
+        for tmp in [*run_dir.glob(".*.tmp"), *run_dir.glob("checkpoints/.*.tmp")]:
+            tmp.unlink(missing_ok=True)
+    if cfg.train.resume and resume_file.exists():
+        resume = ckpt_io.load_checkpoint(resume_file)
+        missing = {"optimizer", "rng", "sampler", "iter_num", "tokens_seen", "config"} - set(resume)
+        if missing:
+            raise ckpt_io.CheckpointError(f"not a resume file (no {', '.join(sorted(missing))}): {resume_file}")
+        cfg = _resume_config(cfg, resume["config"])
+        validate(cfg)
+        return cfg, resume
+    if cfg.train.resume:  # "resume if there is anything to resume": a fresh run dir just starts
+        (log.warning if ckpt_io.list_checkpoints(run_dir) else log.info)(
+            "train.resume=true but %s does not exist: starting from iteration 0", resume_file)
+    elif ckpt_io.list_checkpoints(run_dir):
+        raise ConfigError(f"{run_dir} already holds checkpoints; continue it with train.resume=true "
+                          "or choose another hydra.run.dir")
+    return cfg, None
+
+
+def _setup(cfg, run_dir: Path, dist: DistContext) -> Run:
+    cfg, resume = _load_resume(cfg, run_dir)
+    if cfg.wandb.group is None or cfg.wandb.name is None:  # train.py fills them from Hydra's choices
+        cfg.wandb.group, cfg.wandb.name = run_names(cfg)
+    device = dist.device or pick_device(cfg.train.device)  # under torchrun: cuda:LOCAL_RANK or cpu
+    t, o = cfg.train, cfg.optim
+
+    # ---- data, probe tokens (all checks done before the first file is written)
+    data = load_data(cfg.data.name, path=cfg.data.path, cache_dir=cfg.data.cache_dir, val_frac=cfg.data.val_frac,
+                     synthetic_vocab_size=cfg.data.synthetic_vocab_size,
+                     synthetic_tokens=cfg.data.synthetic_tokens, seed=0)
+    allowed = probe_token_ids(data.vocab_size, data.counts)  # (n_allowed,) repeats and probe draw from these
+    validate_tokens(cfg, len(allowed))
+    if t.batch_size % dist.world_size:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {dist.world_size} processes")
+    sampler = BatchSampler(data.train, t.batch_size, cfg.model.block_size, cfg.seed, **curriculum_args(cfg.data),
+                           allowed_ids=allowed, token_weights=data.counts)  # unigram segments: train frequencies
+    probe = (InductionProbe(data.vocab_size, data.counts, cfg.probe.seq_len, cfg.probe.batch_size,
+                            seed=cfg.probe.seed, device=device) if cfg.probe.enabled else None)
+
+    # ---- model and optimizer (seeded: same seed -> same initial weights)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    gptconf = GPTConfig(vocab_size=data.vocab_size, **OmegaConf.to_container(cfg.model))
+    raw_model = GPT(gptconf).to(device)
+    optimizer = raw_model.configure_optimizers(o.weight_decay, o.lr, (o.beta1, o.beta2), device.type)
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    run = Run(cfg=cfg, run_dir=run_dir, dist=dist, device=device, data=data, allowed=allowed, sampler=sampler,
+              probe=probe, gptconf=gptconf, raw_model=raw_model, model=raw_model, optimizer=optimizer,
+              autocast=torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext(),
+              plain=to_plain(cfg),
+              history_steps=set(ckpt_io.history_steps(t.max_iters, cfg.checkpoint.every, cfg.checkpoint.schedule)))
+    if resume is not None:
+        raw_model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        sampler.load_state_dict(resume["sampler"])
+        ckpt_io.set_rng_state(resume["rng"], device)
+        run.iter_num, run.tokens_seen, run.last_val = resume["iter_num"], resume["tokens_seen"], resume.get("val_loss")
+        run.resumed_at = run.iter_num
+        log.info("resumed from %s at iteration %d", run.resume_file, run.iter_num)
+    dist.check_same(run.iter_num, f"the torchrun processes do not all see {run.resume_file} at the same "
+                                  "iteration; the run directory must be on a filesystem shared by every node")
+    run.model = dist.wrap(torch.compile(raw_model) if t.compile else raw_model)  # DDP under torchrun
+
+    if resume is not None and run.iter_num >= t.max_iters:
+        log.info("%s is already complete (iteration %d of %d); nothing to do", run_dir, run.iter_num, t.max_iters)
+    elif dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(run_dir / "config.yaml", OmegaConf.to_yaml(run.plain))  # analysis never reads half a config
+        state = run_files.wandb_state_path(run_dir)
+        if resume is None:  # a run that starts at iteration 0 is a new W&B run
+            state.unlink(missing_ok=True)
+        run.wb = WandbLogger(mode=cfg.wandb.mode, project=cfg.wandb.project, group=cfg.wandb.group,
+                             name=cfg.wandb.name, job_type="train", config=run.plain, dir=run_dir, state_file=state)
+    log.info("model: %.2fM parameters, %d tokens/iteration, device %s%s, %d torch threads%s",
+             raw_model.get_num_params() / 1e6, run.tokens_per_iter, device, " (bf16 autocast)" if use_bf16 else "",
+             torch.get_num_threads(), f", DDP over {dist.world_size} processes" if dist.enabled else "")
+    return run
+
+
+# --------------------------------------------------------------------------- the named steps
+
+def evaluate(run: Run) -> None:
+    """val/loss, train/eval_loss (and val/loss_repeats under a repeat curriculum), in eval mode."""
+    cfg, model = run.cfg, run.model
+    model.eval()
+
+    def loss(split, repeat):
+        return _estimate_loss(model, split, cfg, run.dist, run.device, run.autocast, repeat, run.allowed,
+                              run.data.counts)
+
+    run.last_val = loss(run.data.val, False)
+    metrics = {"val/loss": run.last_val, "train/eval_loss": loss(run.data.train, True)}
+    if cfg.data.repeat_frac > 0:  # the val text with the training curriculum's repeats
+        metrics["val/loss_repeats"] = loss(run.data.val, True)
+    model.train()
+    run.summary["val_loss"] = run.last_val
+    log.info("iter %d: val loss %.4f, train loss %.4f", run.iter_num, run.last_val, metrics["train/eval_loss"])
+    if run.wb:
+        run.wb.log(metrics, step=run.iter_num, stream="eval")
+
+
+def probe(run: Run) -> None:
+    """The live induction probe on the un-compiled model (hooks need eager mode)."""
+    run.summary["probe"] = run.probe(run.raw_model)
+    if run.wb:
+        run.wb.log(run.summary["probe"], step=run.iter_num, stream="probe")
+
+
+def save(run: Run, history: bool, val_loss) -> None:
+    """History checkpoint (+ its sha256 in the manifest) when ``history``; resume.pt always."""
+    if not all(torch.isfinite(p).all() for p in run.raw_model.parameters()):
+        raise TrainingError(f"non-finite weights at iteration {run.iter_num}; stopped. The last good "
+                            f"checkpoints are in {run.run_dir / 'checkpoints'} and {run.resume_file}")
+    if history:
+        path = ckpt_io.history_path(run.run_dir, run.iter_num)
+        ckpt_io.save_atomic(run.checkpoint(val_loss), path)
+        run_files.record_checkpoint(path)
+    state = run.checkpoint(run.last_val)
+    state.update(optimizer=run.optimizer.state_dict(), rng=ckpt_io.rng_state(run.device), sampler=run.sampler.state_dict())
+    ckpt_io.save_atomic(state, run.resume_file)
+
+
+def step(run: Run) -> None:
+    """One optimizer step over grad_accum micro-batches; the loss stays on the device."""
+    t, o = run.cfg.train, run.cfg.optim
+    lr = get_lr(run.iter_num, o.lr, o.min_lr, o.warmup_iters, o.lr_decay_iters or t.max_iters)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=run.device)
+    for micro in range(t.grad_accum):
+        x, y = run.sampler.sample()  # (B, T) global batch, identical on every rank
+        x, y = run.dist.my_rows(x).to(run.device), run.dist.my_rows(y).to(run.device)  # (B / world_size, T)
+        with run.dist.sync_grads(run.model, sync=micro == t.grad_accum - 1):  # DDP all-reduces once per step
+            with run.autocast:
+                _, loss = run.model(x, y)
+            (loss / t.grad_accum).backward()
+        loss_sum += loss.detach().float() / t.grad_accum
+    # the global norm before clipping; max_norm=inf only measures it (grads scaled by exactly 1)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), o.grad_clip if o.grad_clip > 0 else math.inf)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.iter_num += 1
+    run.tokens_seen += run.tokens_per_iter
+    run.loss_sum = loss_sum if run.loss_sum is None else run.loss_sum + loss_sum
+    grad_norm = grad_norm.detach().float()
+    run.grad_norm_sum = grad_norm if run.grad_norm_sum is None else run.grad_norm_sum + grad_norm
+    run.n_steps += 1
+    run.lr = lr
+
+
+def log_train(run: Run) -> float:
+    """Mean train loss and grad norm since the last call, read back from the device here only;
+    returns tokens/s over the interval."""
+    now = time.perf_counter()
+    loss = run.dist.mean(run.loss_sum.item() / run.n_steps)  # every rank sees the same loss
+    grad_norm = run.dist.mean(run.grad_norm_sum.item() / run.n_steps)
+    if not math.isfinite(loss):  # every rank stops together
+        raise TrainingError(
+            f"loss is {loss} at iterations {run.it_log + 1}-{run.iter_num}; stopped. The last good checkpoints are "
+            f"in {run.run_dir / 'checkpoints'} and {run.resume_file} (try a lower optim.lr or optim.grad_clip=1)")
+    tok_s = (run.iter_num - run.it_log) * run.tokens_per_iter / max(now - run.t_log, 1e-9)
+    run.summary["train_loss"] = loss
+    if run.wb:
+        run.wb.log({"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": run.lr,
+                    "train/tokens_per_sec": tok_s, "train/tokens_seen": run.tokens_seen},
+                   step=run.iter_num, stream="train")
+    run.loss_sum = run.grad_norm_sum = None
+    run.n_steps, run.t_log, run.it_log = 0, now, run.iter_num
+    return tok_s
+
+
 # --------------------------------------------------------------------------- train
 
 def train(cfg, run_dir: str | Path | None = None, dist: DistContext | None = None) -> dict:
@@ -157,188 +372,50 @@ def train(cfg, run_dir: str | Path | None = None, dist: DistContext | None = Non
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig
         run_dir = HydraConfig.get().runtime.output_dir
-    run_dir = Path(run_dir)
     validate(cfg)
-    resume_file = ckpt_io.resume_path(run_dir)
-    resume = None
-    if cfg.train.resume:  # a kill during a save leaves only a temporary file: drop it
-        for tmp in [*run_dir.glob(".*.tmp"), *run_dir.glob("checkpoints/.*.tmp")]:
-            tmp.unlink(missing_ok=True)
-    if cfg.train.resume and resume_file.exists():
-        resume = ckpt_io.load_checkpoint(resume_file)
-        missing = {"optimizer", "rng", "sampler", "iter_num", "tokens_seen", "config"} - set(resume)
-        if missing:
-            raise ckpt_io.CheckpointError(f"not a resume file (no {', '.join(sorted(missing))}): {resume_file}")
-        cfg = _resume_config(cfg, resume["config"])
-        validate(cfg)
-    elif cfg.train.resume:  # "resume if there is anything to resume": a fresh run dir just starts
-        (log.warning if ckpt_io.list_checkpoints(run_dir) else log.info)(
-            "train.resume=true but %s does not exist: starting from iteration 0", resume_file)
-    elif ckpt_io.list_checkpoints(run_dir):
-        raise ConfigError(f"{run_dir} already holds checkpoints; continue it with train.resume=true "
-                          "or choose another hydra.run.dir")
-    if cfg.wandb.group is None or cfg.wandb.name is None:  # train.py fills them from Hydra's choices
-        cfg.wandb.group, cfg.wandb.name = run_names(cfg)
-    device = dist.device or pick_device(cfg.train.device)  # under torchrun: cuda:LOCAL_RANK or cpu
-    t, o = cfg.train, cfg.optim
-
-    # ---- data, probe tokens (all checks done before the first file is written)
-    data = load_data(cfg.data.name, path=cfg.data.path, cache_dir=cfg.data.cache_dir, val_frac=cfg.data.val_frac,
-                     synthetic_vocab_size=cfg.data.synthetic_vocab_size,
-                     synthetic_tokens=cfg.data.synthetic_tokens, seed=0)
-    allowed = probe_token_ids(data.vocab_size, data.counts)  # (n_allowed,) repeats and probe draw from these
-    validate_tokens(cfg, len(allowed))
-    if t.batch_size % dist.world_size:
-        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {dist.world_size} processes")
-    d = cfg.data
-    sampler = BatchSampler(data.train, t.batch_size, cfg.model.block_size, cfg.seed, **curriculum_args(d),
-                           allowed_ids=allowed, token_weights=data.counts)  # unigram segments: train frequencies
-    probe = (InductionProbe(data.vocab_size, data.counts, cfg.probe.seq_len, cfg.probe.batch_size,
-                            seed=cfg.probe.seed, device=device) if cfg.probe.enabled else None)
-
-    # ---- model and optimizer (seeded: same seed -> same initial weights)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
-    gptconf = GPTConfig(vocab_size=data.vocab_size, **OmegaConf.to_container(cfg.model))
-    raw_model = GPT(gptconf).to(device)
-    optimizer = raw_model.configure_optimizers(o.weight_decay, o.lr, (o.beta1, o.beta2), device.type)
-    iter_num, tokens_seen, last_val = 0, 0, None
-    if resume is not None:
-        raw_model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        sampler.load_state_dict(resume["sampler"])
-        set_rng_state(resume["rng"], device)
-        iter_num, tokens_seen, last_val = resume["iter_num"], resume["tokens_seen"], resume.get("val_loss")
-        log.info("resumed from %s at iteration %d", resume_file, iter_num)
-    dist.check_same(iter_num, f"the torchrun processes do not all see {resume_file} at the same iteration; "
-                              "the run directory must be on a filesystem shared by every node")
-    model = dist.wrap(torch.compile(raw_model) if t.compile else raw_model)  # DDP under torchrun
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-
-    plain = to_plain(cfg)
-    steps = set(ckpt_io.history_steps(t.max_iters, cfg.checkpoint.every, cfg.checkpoint.schedule))
-    lr_decay_iters = o.lr_decay_iters or t.max_iters
-    tokens_per_iter = t.grad_accum * t.batch_size * cfg.model.block_size
-    wb = None
-    if resume is not None and iter_num >= t.max_iters:
-        log.info("%s is already complete (iteration %d of %d); nothing to do", run_dir, iter_num, t.max_iters)
-    elif dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / ".config.yaml.tmp"
-        tmp.write_text(OmegaConf.to_yaml(plain))
-        tmp.replace(run_dir / "config.yaml")  # atomic: analysis never reads half a config
-        wb = WandbLogger(mode=cfg.wandb.mode, project=cfg.wandb.project, group=cfg.wandb.group,
-                         name=cfg.wandb.name, job_type="train", config=plain, dir=run_dir)
-    log.info("model: %.2fM parameters, %d tokens/iteration, device %s%s, %d torch threads%s",
-             raw_model.get_num_params() / 1e6, tokens_per_iter, device, " (bf16 autocast)" if use_bf16 else "",
-             torch.get_num_threads(), f", DDP over {dist.world_size} processes" if dist.enabled else "")
-
-    def history(step: int, val_loss) -> dict:
-        return {"model": raw_model.state_dict(), "model_args": asdict(gptconf), "iter_num": step, "step": step,
-                "tokens_seen": tokens_seen, "vocab": list(data.vocab), "token_counts": data.counts.tolist(),
-                "config": plain, "val_loss": val_loss}
-
-    def save_resume(step: int) -> None:
-        state = history(step, last_val)
-        state.update(optimizer=optimizer.state_dict(), rng=rng_state(device), sampler=sampler.state_dict())
-        ckpt_io.save_atomic(state, resume_file)
-
-    summary = {"run_dir": str(run_dir), "probe": {}, "train_loss": None, "val_loss": last_val}
-    timing = summary["timing_s"] = {"eval": 0.0, "probe": 0.0, "checkpoint": 0.0}  # seconds inside the loop
-    start_iter, t_start = iter_num, time.perf_counter()
-    t_log, it_log, loss_sum, loss_n = t_start, iter_num, 0.0, 0
-    bar = tqdm(total=t.max_iters, initial=iter_num, disable=not (dist.is_main and t.progress), unit="it",
+    run = _setup(cfg, Path(run_dir), dist)
+    t, main = run.cfg.train, dist.is_main
+    run.summary.update({"run_dir": str(run.run_dir), "probe": {}, "train_loss": None, "val_loss": run.last_val})
+    timing = run.summary["timing_s"] = {"eval": 0.0, "probe": 0.0, "checkpoint": 0.0}  # seconds inside the loop
+    start_iter, t_start = run.iter_num, time.perf_counter()
+    run.t_log, run.it_log = t_start, run.iter_num
+    bar = tqdm(total=t.max_iters, initial=run.iter_num, disable=not (main and t.progress), unit="it",
                dynamic_ncols=True)
-    model.train()
+    run.model.train()
     try:
         with logging_redirect_tqdm():
             while True:
-                last = iter_num == t.max_iters
-                fresh = not (resume is not None and iter_num == start_iter)  # done before the resume file
-                is_eval = fresh and (iter_num % t.eval_every == 0 or last)
                 t0 = time.perf_counter()
+                is_eval = run.due(t.eval_every)
                 if is_eval:
-                    model.eval()
-                    last_val = _estimate_loss(model, data.val, cfg, dist, device, autocast, False, allowed, data.counts)
-                    metrics = {"val/loss": last_val,
-                               "train/eval_loss": _estimate_loss(model, data.train, cfg, dist, device, autocast, True,
-                                                                 allowed, data.counts)}
-                    if d.repeat_frac > 0:  # the val text with the training curriculum's repeats
-                        metrics["val/loss_repeats"] = _estimate_loss(model, data.val, cfg, dist, device, autocast, True,
-                                                                     allowed, data.counts)
-                    model.train()
-                    summary["val_loss"] = last_val
-                    log.info("iter %d: val loss %.4f, train loss %.4f", iter_num, last_val,
-                             metrics["train/eval_loss"])
-                    if wb:
-                        wb.log(metrics, step=iter_num)
+                    evaluate(run)
                 t1 = time.perf_counter()
-                if probe is not None and dist.is_main and fresh and (iter_num % cfg.probe.every == 0 or last):
-                    summary["probe"] = probe(raw_model)  # the un-compiled model: hooks need eager mode
-                    if wb:
-                        wb.log(summary["probe"], step=iter_num)
+                if run.probe is not None and main and run.due(run.cfg.probe.every):
+                    probe(run)
                 t2 = time.perf_counter()
-                if dist.is_main and fresh and (iter_num in steps or is_eval):
-                    if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
-                        raise TrainingError(f"non-finite weights at iteration {iter_num}; stopped. The last good "
-                                            f"checkpoints are in {run_dir / 'checkpoints'} and {resume_file}")
-                    if iter_num in steps:
-                        ckpt_io.save_atomic(history(iter_num, last_val if is_eval else None),
-                                            ckpt_io.history_path(run_dir, iter_num))
-                    if iter_num in steps or is_eval:
-                        save_resume(iter_num)
-                t3 = time.perf_counter()
-                for key, dt in (("eval", t1 - t0), ("probe", t2 - t1), ("checkpoint", t3 - t2)):
+                is_history = run.iter_num in run.history_steps and run.iter_num != run.resumed_at
+                if main and (is_history or is_eval):
+                    save(run, is_history, run.last_val if is_eval else None)
+                for key, dt in (("eval", t1 - t0), ("probe", t2 - t1), ("checkpoint", time.perf_counter() - t2)):
                     timing[key] += dt
-                if last:
-                    summary["elapsed_s"] = time.perf_counter() - t_start  # the loop only, not W&B's finish
+                if run.iter_num == t.max_iters:
+                    run.summary["elapsed_s"] = time.perf_counter() - t_start  # the loop only, not W&B's finish
                     break
-
-                # ---- one optimizer step
-                lr = get_lr(iter_num, o.lr, o.min_lr, o.warmup_iters, lr_decay_iters)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                step_loss = 0.0
-                for micro in range(t.grad_accum):
-                    x, y = sampler.sample()  # (B, T) global batch, identical on every rank
-                    x, y = dist.my_rows(x).to(device), dist.my_rows(y).to(device)  # (B / world_size, T)
-                    with dist.sync_grads(model, sync=micro == t.grad_accum - 1):  # DDP all-reduces once per step
-                        with autocast:
-                            _, loss = model(x, y)
-                        (loss / t.grad_accum).backward()
-                    step_loss += loss.item() / t.grad_accum
-                step_loss = dist.mean(step_loss)  # every rank sees the same loss (and stops on NaN together)
-                if not math.isfinite(step_loss):
-                    raise TrainingError(
-                        f"loss is {step_loss} at iteration {iter_num}; stopped. The last good checkpoints are in "
-                        f"{run_dir / 'checkpoints'} and {resume_file} (try a lower optim.lr or optim.grad_clip=1)")
-                if o.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), o.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                iter_num += 1
-                tokens_seen += tokens_per_iter
-                loss_sum, loss_n = loss_sum + step_loss, loss_n + 1
+                step(run)
                 bar.update(1)
-                if iter_num % t.log_every == 0 or iter_num == t.max_iters:
-                    now = time.perf_counter()
-                    tok_s = (iter_num - it_log) * tokens_per_iter / max(now - t_log, 1e-9)
-                    summary["train_loss"] = loss_sum / loss_n
-                    bar.set_postfix(loss=f"{summary['train_loss']:.4f}", tok_s=f"{tok_s:,.0f}")
-                    if wb:
-                        wb.log({"train/loss": summary["train_loss"], "train/lr": lr, "train/tokens_per_sec": tok_s,
-                                "train/tokens_seen": tokens_seen}, step=iter_num)
-                    t_log, it_log, loss_sum, loss_n = now, iter_num, 0.0, 0
+                if run.iter_num % t.log_every == 0 or run.iter_num == t.max_iters:
+                    tok_s = log_train(run)
+                    bar.set_postfix(loss=f"{run.summary['train_loss']:.4f}", tok_s=f"{tok_s:,.0f}")
     finally:
         bar.close()
-        if wb:
-            wb.summary({"final/val_loss": summary["val_loss"], "final/iter": iter_num,
-                        **{f"final/{k}": v for k, v in summary["probe"].items() if k.count("/") == 1}})
-            wb.finish()
+        if run.wb:
+            run.wb.summary({"final/val_loss": run.summary["val_loss"], "final/iter": run.iter_num,
+                            **{f"final/{k}": v for k, v in run.summary["probe"].items() if k.count("/") == 1}})
+            run.wb.finish()
+    summary = run.summary
     elapsed = summary["elapsed_s"]
-    summary.update(iter_num=iter_num, tokens_seen=tokens_seen, wandb_mode=wb.mode if wb else None,
-                   tokens_per_sec=(iter_num - start_iter) * tokens_per_iter / max(elapsed, 1e-9),
-                   checkpoints=[s for s, _ in ckpt_io.list_checkpoints(run_dir)])
+    summary.update(iter_num=run.iter_num, tokens_seen=run.tokens_seen, wandb_mode=run.wb.mode if run.wb else None,
+                   wandb_run_id=run.wb.run_id if run.wb else None,
+                   tokens_per_sec=(run.iter_num - start_iter) * run.tokens_per_iter / max(elapsed, 1e-9),
+                   checkpoints=[s for s, _ in ckpt_io.list_checkpoints(run.run_dir)])
     return summary

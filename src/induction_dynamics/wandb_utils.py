@@ -16,17 +16,33 @@
   cannot start the run. The offline run can be uploaded later with ``wandb sync``.
 - Any exception inside W&B is caught and warned about once per method; ``run`` is None
   when W&B is disabled or could not start at all.
+- ``state_file`` (e.g. ``<run_dir>/wandb/train_run.json``) makes the run survive restarts: it keeps
+  the W&B run id (``wandb.init(id=..., resume="allow")``, so a resumed training or a second
+  analysis of the same run directory continues the same W&B run) and, per stream of records,
+  the last step logged. A resumed training replays the iterations since its last resume
+  point; their records were logged before, so ``log`` skips every step at or below its
+  stream's last one. W&B buffers its transaction log (32 KiB blocks): a process killed with
+  ``kill -9`` can leave none of its records on disk. So every record also goes to a journal
+  next to the state file (``*.journal.jsonl``, appended per record), and a restarted run
+  reads what the earlier segments' logs really hold (``wandb leet inspect --json``) and logs
+  the journal's records they lack before going on: each step once, none missing.
 
 ``import wandb`` happens in this module only (it is slow to import and optional at run time).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import secrets
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from induction_dynamics.files import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +80,14 @@ class WandbLogger:
     """A W&B run that never raises (see module docstring)."""
 
     def __init__(self, *, mode: str, project: str, group: str | None, name: str, job_type: str,
-                 config: dict, dir: str | Path, step_metric: str = "iter"):
+                 config: dict, dir: str | Path, step_metric: str = "iter", state_file: str | Path | None = None):
         self.run = None
         self.mode = "disabled"  # the mode actually in use, after any fallback
         self.step_metric = step_metric
         self.dir = Path(dir)
         self._warned: set[str] = set()
+        self.state_file = Path(state_file) if state_file is not None else None
+        self.state = {"id": None, "last_step": {}}
         if mode == "disabled":
             return
         if mode not in MODES:
@@ -83,6 +101,21 @@ class WandbLogger:
         self.dir.mkdir(parents=True, exist_ok=True)
         kwargs = dict(project=project, group=group, name=name, job_type=job_type,
                       config=config, dir=str(self.dir))
+        if self.state_file is not None:
+            saved = read_json(self.state_file, {})
+            saved = saved if isinstance(saved, dict) else {}
+            if isinstance(saved.get("id"), str):
+                self.state = {"id": saved["id"], "last_step": dict(saved.get("last_step") or {})}
+            else:  # W&B's own id alphabet: lowercase letters and digits; saved before the run starts
+                self.state["id"] = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(8))
+            kwargs.update(id=self.state["id"], resume="allow")
+            self.journal = self.state_file.with_name(self.state_file.stem + ".journal.jsonl")
+            if saved.get("id") != self.state["id"]:
+                self.journal.unlink(missing_ok=True)  # a new W&B run: nothing of another run to recover
+            # a segment that ended with finish() left every record on disk: nothing to recover
+            self._recover = saved.get("id") == self.state["id"] and not saved.get("finished", False)
+            self.state["finished"] = False
+            self._save_state()
         if mode == "online":
             self.run = self._init_online(wandb, kwargs)
             if self.run is not None:
@@ -99,6 +132,36 @@ class WandbLogger:
             self.run.define_metric("*", step_metric=step_metric)
         except Exception as e:
             self._warn("define_metric", f"W&B: define_metric failed ({_one_line(e)})")
+        if self.state_file is not None and self._recover:
+            self._recover_lost_records()
+
+    def _recover_lost_records(self) -> None:
+        """Log again the journal's records that no earlier segment of this run holds on disk."""
+        entries = _read_journal(self.journal)
+        if not entries:
+            return
+        current = Path(self.run.dir).parent
+        segments = [d for d in sorted((self.dir / "wandb").glob(f"*run-*-{self.state['id']}"))
+                    if d.is_dir() and d.resolve() != current.resolve()]
+        held: set[tuple[int, str]] = set()
+        for seg in segments:
+            try:
+                out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(seg)],
+                                     capture_output=True, text=True, timeout=120, check=True).stdout
+            except Exception as e:  # cannot tell what is on disk: log nothing twice, warn
+                self._warn("recover", f"W&B: cannot read {seg} ({_one_line(e)}); records lost there stay lost")
+                return
+            for line in out.splitlines():
+                rec = json.loads(line) if line.strip() else {}
+                item = (rec.get("history") or {}).get("item") or {} if rec.get("type") == "history" else {}
+                if self.step_metric in item:
+                    held |= {(int(item[self.step_metric]), k) for k in item}
+        lost = [e for e in entries if (e["step"], next(iter(e["record"]))) not in held]
+        for e in lost:
+            self.run.log({**e["record"], self.step_metric: e["step"]})
+        if lost:
+            log.info("W&B: logged again %d record(s) of run %s that the killed process had not written",
+                     len(lost), self.state["id"])
 
     def _init_online(self, wandb, kwargs):
         """An online run, or None (after one warning) when the server cannot be reached."""
@@ -124,14 +187,38 @@ class WandbLogger:
             self._warned.add(key)
             log.warning(message)
 
-    def log(self, metrics: dict, step: int) -> None:
-        """Log ``metrics`` with ``{step_metric: step}`` in the same record."""
-        if self.run is None:
-            return
+    @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.run is not None else self.state["id"]
+
+    def log(self, metrics: dict, step: int, stream: str = "default") -> bool:
+        """Log ``metrics`` with ``{step_metric: step}`` in the same record; False when skipped
+        (no run, or ``stream`` already holds this step: see ``state_file``)."""
+        if self.run is None or step <= self.state["last_step"].get(stream, -1):
+            return False
         try:
             self.run.log({**metrics, self.step_metric: step})
         except Exception as e:
             self._warn("log", f"W&B: log failed ({_one_line(e)}); training goes on")
+            return False
+        if self.state_file is not None:
+            with open(self.journal, "a") as f:  # one line per record; flushed on close
+                f.write(json.dumps({"stream": stream, "step": step, "record": metrics}, default=float) + "\n")
+            self.state["last_step"][stream] = step
+            self._save_state()
+        return True
+
+    def _save_state(self) -> None:
+        # after each log, without fsync: a killed process leaves it behind intact, and the
+        # microseconds between the record and this rename are the only window for a duplicate
+        try:
+            write_json(self.state, self.state_file, durable=False)
+        except OSError as e:
+            self._warn("state", f"W&B: cannot write {self.state_file} ({_one_line(e)})")
+
+    def last_step(self, stream: str = "default") -> int:
+        """The last step logged to ``stream`` by this W&B run, over every restart (-1: none)."""
+        return self.state["last_step"].get(stream, -1)
 
     def summary(self, values: dict) -> None:
         if self.run is None:
@@ -171,6 +258,10 @@ class WandbLogger:
             run.finish()
         except Exception as e:
             self._warn("finish", f"W&B: finish failed ({_one_line(e)})")
+            return
+        if self.state_file is not None:
+            self.state["finished"] = True
+            self._save_state()
 
     def __enter__(self):
         return self
@@ -183,3 +274,20 @@ class WandbLogger:
 def _one_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _read_journal(path: Path) -> list[dict]:
+    """The journal's complete lines (a line cut short by a kill is dropped)."""
+    entries = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return entries
+    for line in lines:
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(e, dict) and isinstance(e.get("record"), dict) and e["record"]:
+            entries.append(e)
+    return entries

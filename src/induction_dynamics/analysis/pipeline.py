@@ -22,6 +22,7 @@ from induction_dynamics.analysis.phase import (detect_phase_change, format_summa
                                                summarize_across_seeds)
 from induction_dynamics.analysis.plots import make_plots
 from induction_dynamics.analysis.table import curve, make_frame, model_metric, write_atomic
+from induction_dynamics.files import write_text
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def _write_run_outputs(r: RunResult, cfg, draw: bool = True) -> None:
     if r.table.empty:
         return
     r.phase = phase_table(r.table, r.label, r.seed, r.shape, cfg.phase)
-    r.phase.to_csv(out / "phase_change.csv", index=False)
+    write_text(out / "phase_change.csv", r.phase.to_csv(index=False))
     if draw:
         r.plots, skipped = make_plots({r.label: r.table}, {r.label: r.tokens} if len(r.tokens) else {},
                                       r.phase, r.run_dir / "plots", formats=list(cfg.plots.formats),
@@ -93,9 +94,9 @@ def _write_sweep_outputs(root: Path, results: list[RunResult], cfg) -> pd.DataFr
         return pd.DataFrame()
     write_atomic(make_frame(pd.concat([r.table for r in done])), out / "results.parquet", csv=cfg.csv)
     phase = pd.concat([r.phase for r in done], ignore_index=True)
-    phase.to_csv(out / "phase_change.csv", index=False)
+    write_text(out / "phase_change.csv", phase.to_csv(index=False))
     summary = summarize_across_seeds(phase)
-    summary.to_csv(out / "phase_change_summary.csv", index=False)
+    write_text(out / "phase_change_summary.csv", summary.to_csv(index=False))
     shapes = sorted({r.shape for r in done})
     if len(shapes) > 1:
         log.warning("the runs have %d different model shapes (%s): analysed and plotted apart under %s/<shape>/",
@@ -118,9 +119,12 @@ def _report(root: Path, results: list[RunResult], summary: pd.DataFrame, is_swee
     if not summary.empty:
         lines.append("phase change" + (" (mean ± sd across runs)" if len(done) > 1 else "") + ":")
         lines += ["  " + s for s in format_summary(summary).splitlines()]
-    n_err = sum(len(r.errors) for r in results)
-    if n_err:
-        lines.append(f"{n_err} checkpoint(s) could not be read: see errors.json")
+    errors = [e for r in results for e in r.errors]
+    n_metric = sum(e.get("kind") == "metric" for e in errors)
+    if len(errors) - n_metric:
+        lines.append(f"{len(errors) - n_metric} checkpoint(s) could not be read: see errors.json")
+    if n_metric:
+        lines.append(f"{n_metric} metric(s) failed on a checkpoint (its other metrics are kept): see errors.json")
     where = root if is_sweep else results[0].run_dir
     lines.append(f"tables: {R.analysis_dir(where)}/   plots: {where / 'plots'}/")
     return "\n".join(lines)
@@ -146,6 +150,12 @@ def _plots_only(root: Path, run_dirs: list[Path], is_sweep: bool, cfg) -> dict:
         raise R.AnalysisError(f"no saved analysis under {root}: run analyze_checkpoints.py without plots_only first")
     for r in results:
         _write_run_outputs(r, cfg)
+        if cfg.wandb.mode != "disabled" and not r.table.empty and r.info.get("run"):
+            # the same analysis run as the sweep that made the tables: new plots and summary
+            from induction_dynamics.analysis.wandb_log import AnalysisLogger
+            logger = AnalysisLogger(r.info, cfg.wandb, r.run_dir, {"analysis": _analysis_config(cfg)})
+            logger.log_new(r.table)
+            logger.finish(r.table, r.phase, r.plots, r.info.get("probes", {}))
     summary = _write_sweep_outputs(root, results, cfg) if is_sweep else pd.DataFrame()
     text = _report(root, results, summary, is_sweep, f"plots regenerated for {len(results)} run(s) "
                                                      f"in {time.perf_counter() - t0:.1f} s (plots_only)")
@@ -169,11 +179,11 @@ def analyze(cfg) -> dict:
     if not root.exists():
         raise R.AnalysisError(f"run_dir not found: {root}")
     is_sweep = not R.is_run_dir(root)
-    if cfg.plots_only:
-        return _plots_only(root, R.find_runs(root), is_sweep, cfg)
     if cfg.wandb.mode not in ("online", "offline", "disabled"):
         raise R.AnalysisError(f"wandb.mode must be online, offline or disabled, got {cfg.wandb.mode!r}")
-    if not cfg.watch and not any(R.checkpoint_files(d) for d in R.find_runs(root)):  # before importing torch
+    if cfg.plots_only:
+        return _plots_only(root, R.find_runs(root), is_sweep, cfg)
+    if not cfg.watch and not any(R.list_checkpoints(d) for d in R.find_runs(root)):  # before importing torch
         where = f"{root}/checkpoints" if not is_sweep else f"any run under {root}"
         raise R.AnalysisError(f"no checkpoints in {where}")
 
@@ -202,7 +212,7 @@ def analyze(cfg) -> dict:
             label = R.run_label(d, root)
             if label in failed or (label in contexts and contexts[label].probes is not None):
                 continue
-            if not R.checkpoint_files(d):
+            if not R.list_checkpoints(d):
                 if label not in empty:
                     empty.add(label)
                     log.warning("%s: no checkpoints yet in %s", label, d / "checkpoints")
@@ -222,7 +232,8 @@ def analyze(cfg) -> dict:
                 continue  # nothing new for this run this round
             table, tokens = sweep.collect_run(ctx.run_dir, label, ctx.seed)
             done = set(table["step"].tolist())
-            ctx.errors[:] = [e for e in ctx.errors if e["step"] not in done]  # retried and read fine
+            # a checkpoint that failed to load once and has rows now was retried and read fine
+            ctx.errors[:] = [e for e in ctx.errors if e.get("kind") == "metric" or e["step"] not in done]
             info = ctx.info() if ctx.probes is not None else {"run": label}
             r = RunResult(ctx.run_dir, label, ctx.seed, ctx.shape, info, table, tokens, ctx.errors)
             _write_run_outputs(r, cfg, draw=not cfg.watch)
@@ -263,7 +274,7 @@ def _logger(ctx, cfg):
     from induction_dynamics.analysis.wandb_log import AnalysisLogger
     config = {"analysis": _analysis_config(cfg), "train": ctx.train_config, "probes": ctx.probes.info(),
               "run_dir": str(ctx.run_dir), "shape": ctx.shape}
-    return AnalysisLogger(ctx.info(), cfg.wandb, ctx.run_dir, config)
+    return AnalysisLogger(ctx.info(), cfg.wandb, ctx.run_dir, config, new_run=bool(cfg.force))
 
 
 def _finished(contexts: dict, results: dict, run_dirs: list[Path]) -> bool:

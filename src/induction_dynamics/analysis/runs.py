@@ -6,12 +6,13 @@ folder. Per run the analysis writes::
 
     <run>/analysis/cache/step_000500.parquet   tidy rows of one checkpoint (the cache)
     <run>/analysis/cache/step_000500.tokens.npy per-token losses of that checkpoint
-    <run>/analysis/cache/suite.json            settings the cache was computed with
+    <run>/analysis/cache/step_000500.key.json  what that result was computed from (see sweep.py)
+    <run>/analysis/cache/suite.json            settings and code the cache was computed with
     <run>/analysis/results.parquet (+ .csv)    every checkpoint's rows (table.COLUMNS)
     <run>/analysis/token_losses.parquet        per-token losses, one row per checkpoint
     <run>/analysis/phase_change.csv            detected phase changes (one row per metric)
     <run>/analysis/run_info.json               seed, model shape, probe sizes, W&B names
-    <run>/analysis/errors.json                 unreadable checkpoints of the last pass
+    <run>/analysis/errors.json                 unreadable checkpoints and failed metrics (one line each)
     <run>/plots/*.png, *.pdf
 
 and, when a sweep folder was given, the combined view under ``<sweep>/analysis/`` and
@@ -20,12 +21,11 @@ and, when a sweep folder was given, the combined view under ``<sweep>/analysis/`
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from pathlib import Path
 
-STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+from induction_dynamics.files import read_json, write_json  # noqa: F401 (the analysis' JSON files)
+from induction_dynamics.run_files import list_checkpoints  # noqa: F401 (one lister for trainer and analysis)
 SKIP_DIRS = {"analysis", "plots", "wandb", ".hydra", "checkpoints", "__pycache__", ".git"}
 
 
@@ -59,15 +59,6 @@ def find_runs(root: str | Path) -> list[Path]:
     return sorted(runs)
 
 
-def checkpoint_files(run_dir: Path) -> list[tuple[int, Path]]:
-    """``[(step, path), ...]`` of a run's history checkpoints, sorted (same rule as checkpoint.py)."""
-    folder = Path(run_dir) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_FILE.match(p.name))]
-    return sorted(found)
-
-
 def run_label(run_dir: Path, root: Path) -> str:
     """How a run is named in tables: its path under the analysed folder, or its own name."""
     rel = Path(run_dir).resolve().relative_to(Path(root).resolve())
@@ -96,15 +87,5 @@ def token_cache_path(run_dir: Path, step: int) -> Path:
     return cache_dir(run_dir) / f"step_{step:06d}.tokens.npy"
 
 
-def write_json(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path, default=None):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return default
+def key_path(run_dir: Path, step: int) -> Path:
+    return cache_dir(run_dir) / f"step_{step:06d}.key.json"

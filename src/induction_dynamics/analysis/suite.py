@@ -148,60 +148,88 @@ def _layer_rows(metric: str, values) -> list[tuple]:
     return [(metric, l, -1, float(v)) for l, v in enumerate(torch.as_tensor(values).tolist())]
 
 
+def _patching_rows(model, p: Probes) -> list[tuple]:
+    pd_ = p.patching
+    args = (model, pd_.clean, pd_.corrupted, pd_.answer, pd_.corrupted_answer)
+    rows = _layer_rows("patch_resid", ap.patch_residual_by_layer(*args))
+    rows += _layer_rows("patch_attn_out", ap.patch_attn_out_by_layer(*args))
+    if not model.config.attn_only:
+        rows += _layer_rows("patch_mlp_out", ap.patch_mlp_out_by_layer(*args))
+    return rows + _head_rows("patch_head", ap.patch_heads(*args))
+
+
+def _attribution_rows(model, p: Probes) -> list[tuple]:
+    pd_ = p.patching
+    with torch.enable_grad():
+        return _head_rows("attribution_patch_head", ap.attribution_patch_heads(
+            model, pd_.clean, pd_.corrupted, pd_.answer, pd_.corrupted_answer))
+
+
+def _logit_lens_rows(model, p: Probes) -> list[tuple]:
+    lens = ll.logit_lens(model, p.patching.clean, target_position=-1, target=p.patching.answer)
+    conv = ll.measure_convergence(lens)["convergence_layer"]
+    return (_layer_rows("logit_lens_prob", lens.target_probs) + _layer_rows("logit_lens_rank", lens.target_ranks)
+            + [("logit_lens_convergence_layer", -1, -1, float(conv))])
+
+
+def _induction_loss_rows(model, p: Probes) -> list[tuple]:
+    first, second = M.repeated_sequence_loss(model, p.induction, p.induction_seq_len)
+    return [("induction_loss_first", -1, -1, first), ("induction_loss_second", -1, -1, second)]
+
+
+def _composition_rows(model, p: Probes) -> list[tuple]:
+    rows = []
+    for kind, scores in comp.all_composition_scores(model).items():
+        rows += _pair_rows(f"{kind.lower()}_composition", scores)
+    c = model.config
+    return rows + [("composition_baseline", -1, -1, comp.composition_baseline(c.n_embd, c.n_embd // c.n_head))]
+
+
+# metric id -> rows of one model (every id of config.SUITE_METRICS; token_loss is run_suite's own)
+METRIC_ROWS = {
+    "induction": lambda m, p: _head_rows("induction_score", M.induction_scores(m, p.induction, p.induction_seq_len)),
+    "prefix_matching": lambda m, p: _head_rows("prefix_matching_score",
+                                               M.prefix_matching_scores(m, p.prefix, p.prefix_seq_len)),
+    "previous_token": lambda m, p: _head_rows("previous_token_score", M.previous_token_scores(m, p.text)),
+    "duplicate_token": lambda m, p: _head_rows("duplicate_token_score",
+                                               M.duplicate_token_scores(m, p.induction, p.induction_seq_len)),
+    "copying": lambda m, p: _head_rows("copying_score", M.copying_scores(m, p.induction)),
+    "ov_copying": lambda m, p: _head_rows("ov_copying_score", M.ov_copying_scores(m)),
+    "icl": lambda m, p: [("icl_score", -1, -1, M.icl_score(m, p.text, p.icl_early, p.icl_late))],
+    "icl_repeats": lambda m, p: [("icl_score_repeats", -1, -1,
+                                  M.icl_score(m, p.text_repeats, p.icl_early, p.icl_late))],
+    "induction_loss": _induction_loss_rows,
+    "patching": _patching_rows,
+    "attribution_patching": _attribution_rows,
+    "logit_lens": _logit_lens_rows,
+    "composition": _composition_rows,
+}
+
+
 @torch.no_grad()
-def run_suite(model, probes: Probes, metrics) -> tuple[list[tuple], np.ndarray | None]:
+def run_suite(model, probes: Probes, metrics,
+              errors: list[dict] | None = None) -> tuple[list[tuple], np.ndarray | None]:
     """Evaluate ``metrics`` on one model: ``([(metric, layer, head, value), ...], token losses)``.
 
     token losses: the (W * (T-1),) float32 per-token losses on the text windows, or None
-    when ``token_loss`` is not in ``metrics``.
+    when ``token_loss`` is not in ``metrics`` (or it failed).
+    A metric that raises gives no rows; with ``errors`` given, ``{"metric", "error"}`` (one
+    line) is appended there and the other metrics still run. Without it the exception propagates.
     """
-    metrics = set(validate_metrics(metrics))
-    p = probes
     rows: list[tuple] = []
     tokens = None
-    if "induction" in metrics:
-        rows += _head_rows("induction_score", M.induction_scores(model, p.induction, p.induction_seq_len))
-    if "prefix_matching" in metrics:
-        rows += _head_rows("prefix_matching_score", M.prefix_matching_scores(model, p.prefix, p.prefix_seq_len))
-    if "previous_token" in metrics:
-        rows += _head_rows("previous_token_score", M.previous_token_scores(model, p.text))
-    if "duplicate_token" in metrics:
-        rows += _head_rows("duplicate_token_score", M.duplicate_token_scores(model, p.induction, p.induction_seq_len))
-    if "copying" in metrics:
-        rows += _head_rows("copying_score", M.copying_scores(model, p.induction))
-    if "ov_copying" in metrics:
-        rows += _head_rows("ov_copying_score", M.ov_copying_scores(model))
-    if "icl" in metrics:
-        rows.append(("icl_score", -1, -1, M.icl_score(model, p.text, p.icl_early, p.icl_late)))
-    if "icl_repeats" in metrics:
-        rows.append(("icl_score_repeats", -1, -1, M.icl_score(model, p.text_repeats, p.icl_early, p.icl_late)))
-    if "token_loss" in metrics:
-        losses = M.per_token_losses(model, p.text)  # (W, T-1)
-        rows.append(("text_loss", -1, -1, losses.mean().item()))
-        tokens = losses.float().reshape(-1).cpu().numpy()
-    if "induction_loss" in metrics:
-        first, second = M.repeated_sequence_loss(model, p.induction, p.induction_seq_len)
-        rows += [("induction_loss_first", -1, -1, first), ("induction_loss_second", -1, -1, second)]
-    pd_ = p.patching
-    args = (model, pd_.clean, pd_.corrupted, pd_.answer, pd_.corrupted_answer)
-    if "patching" in metrics:
-        rows += _layer_rows("patch_resid", ap.patch_residual_by_layer(*args))
-        rows += _layer_rows("patch_attn_out", ap.patch_attn_out_by_layer(*args))
-        if not model.config.attn_only:
-            rows += _layer_rows("patch_mlp_out", ap.patch_mlp_out_by_layer(*args))
-        rows += _head_rows("patch_head", ap.patch_heads(*args))
-    if "attribution_patching" in metrics:
-        with torch.enable_grad():
-            rows += _head_rows("attribution_patch_head", ap.attribution_patch_heads(*args))
-    if "logit_lens" in metrics:
-        lens = ll.logit_lens(model, pd_.clean, target_position=-1, target=pd_.answer)
-        rows += _layer_rows("logit_lens_prob", lens.target_probs)
-        rows += _layer_rows("logit_lens_rank", lens.target_ranks)
-        conv = ll.measure_convergence(lens)["convergence_layer"]
-        rows.append(("logit_lens_convergence_layer", -1, -1, float(conv)))
-    if "composition" in metrics:
-        for kind, scores in comp.all_composition_scores(model).items():
-            rows += _pair_rows(f"{kind.lower()}_composition", scores)
-        c = model.config
-        rows.append(("composition_baseline", -1, -1, comp.composition_baseline(c.n_embd, c.n_embd // c.n_head)))
+    for metric in validate_metrics(metrics):
+        try:
+            if metric == "token_loss":
+                losses = M.per_token_losses(model, probes.text)  # (W, T-1)
+                rows.append(("text_loss", -1, -1, losses.mean().item()))
+                tokens = losses.float().reshape(-1).cpu().numpy()
+            else:
+                rows += METRIC_ROWS[metric](model, probes)
+        except Exception as e:
+            if errors is None:
+                raise
+            text = str(e).strip()
+            errors.append({"metric": metric,
+                           "error": f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__})
     return rows, tokens

@@ -8,8 +8,14 @@ worker itself (atomically, the Parquet file last: its presence means "done"), so
 interrupted sweep resumes where it stopped and a new checkpoint is analysed alone. An
 unreadable checkpoint is reported and skipped; it is retried on the next pass.
 
-The cache remembers the settings it was computed with (``cache/suite.json``: metric set,
-probe sizes, seed); when they change, the run's cache is discarded and rebuilt.
+A cached result is used only when its key (``step_XXXXXX.key.json``) matches: the sha256
+and size of the checkpoint file it was computed from, and the fingerprint of the analysis
+(settings, probes, seed, and the code: package version + a hash of the modules that compute
+the metrics; ``cache/suite.json`` holds it with its ingredients). A checkpoint replaced under
+the same name, a changed setting or a changed metric is analysed again; nothing stale is
+reused. A checkpoint whose bytes differ from the sha256 the trainer recorded in
+``checkpoints/manifest.json`` is refused. A metric that raises is recorded as a metric error
+(in the key and in ``errors.json``); the checkpoint's other metrics are kept.
 """
 
 from __future__ import annotations
@@ -18,7 +24,6 @@ import hashlib
 import inspect
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -33,9 +38,12 @@ from induction_dynamics.analysis import runs as R
 from induction_dynamics.analysis.suite import Probes, make_probes, run_suite, validate_metrics
 from induction_dynamics.analysis.table import COLUMNS, TOKEN_LOSS_PREFIX, make_frame
 from induction_dynamics.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from induction_dynamics.files import atomic_write, sha256_file
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+# the modules whose code decides a cached number: a change to any of them re-analyses
+METRIC_CODE = ("model.py", "data.py", "curriculum.py", "interpretability", "analysis/suite.py")
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "attn_only")
 
 
@@ -53,6 +61,7 @@ class RunContext:
     metrics: list[str]
     max_iters: int | None
     errors: list[dict] = field(default_factory=list)
+    fingerprint: str = ""           # of the analysis settings + code (the cache key's second half)
 
     def info(self) -> dict:
         wb = self.train_config.get("wandb") or {}
@@ -65,6 +74,24 @@ class RunContext:
 def _one_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+@lru_cache(maxsize=1)
+def code_version() -> dict:
+    """The package version and a sha256 over the source of ``METRIC_CODE`` (sorted files)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for entry in METRIC_CODE:
+        target = root / entry
+        for f in sorted(target.rglob("*.py")) if target.is_dir() else [target]:
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    try:
+        pkg = version("induction-dynamics")
+    except PackageNotFoundError:
+        pkg = "unknown"
+    return {"package": pkg, "metric_code_sha256": h.hexdigest()}
 
 
 @lru_cache(maxsize=8)
@@ -109,9 +136,11 @@ def probes_for(ckpt: dict, train_config: dict, cfg, val_tokens: torch.Tensor | N
                        data_config=train_config.get("data"))
 
 
-def checkpoint_rows(model, ckpt: dict, step: int, probes: Probes, metrics) -> tuple[pd.DataFrame, np.ndarray | None]:
-    """(the checkpoint's rows: step, tokens_seen, metric, layer, head, value; its per-token losses)."""
-    rows, tokens = run_suite(model, probes, metrics)
+def checkpoint_rows(model, ckpt: dict, step: int, probes: Probes, metrics,
+                    errors: list[dict] | None = None) -> tuple[pd.DataFrame, np.ndarray | None]:
+    """(the checkpoint's rows: step, tokens_seen, metric, layer, head, value; its per-token losses).
+    ``errors``: collects failing metrics instead of raising (``suite.run_suite``)."""
+    rows, tokens = run_suite(model, probes, metrics, errors=errors)
     if ckpt.get("val_loss") is not None:
         rows.append(("val_loss", -1, -1, float(ckpt["val_loss"])))
     df = pd.DataFrame(rows, columns=["metric", "layer", "head", "value"])
@@ -124,12 +153,12 @@ def prepare_run(run_dir: Path, label: str, cfg) -> RunContext | None:
     """Set up one run from its first readable checkpoint; None when it has none (errors recorded)."""
     metrics = validate_metrics(cfg.suite.metrics)
     errors = []
-    for step, path in R.checkpoint_files(run_dir):
+    for step, path in R.list_checkpoints(run_dir):
         try:
             ckpt = load_checkpoint(path)
             break
         except CheckpointError as e:
-            errors.append({"run": label, "step": step, "path": str(path), "error": _one_line(e)})
+            errors.append({"run": label, "step": step, "path": str(path), "kind": "checkpoint", "error": _one_line(e)})
     else:
         return RunContext(run_dir, label, -1, "", {}, {}, None, metrics, None, errors) if errors else None
     args = dict(ckpt["model_args"])
@@ -145,62 +174,102 @@ def prepare_run(run_dir: Path, label: str, cfg) -> RunContext | None:
 
 
 def _check_cache_settings(ctx: RunContext, cfg) -> None:
-    """Discard the run's cache when it was computed with other settings (or force=true)."""
+    """Fix the run's analysis fingerprint (settings + code) and record it in ``cache/suite.json``;
+    ``force=true`` discards every cached result of the run."""
     settings = {"version": CACHE_VERSION, "seed": int(cfg.seed), "metrics": sorted(ctx.metrics),
-                "suite": OmegaConf.to_container(cfg.suite, resolve=True), "probes": ctx.probes.info()}
-    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    meta_path = R.cache_dir(ctx.run_dir) / "suite.json"
-    old = (R.read_json(meta_path) or {}).get("fingerprint")
-    cached = sorted(R.cache_dir(ctx.run_dir).glob("step_*.parquet"))
-    stale = cfg.force or (cached and old != fingerprint)
-    if stale:
-        why = "force=true" if cfg.force else "the analysis settings changed since it was made"
-        log.info("%s: discarding %d cached checkpoint results (%s)", ctx.label, len(cached), why)
-        for p in R.cache_dir(ctx.run_dir).glob("step_*"):
+                "suite": OmegaConf.to_container(cfg.suite, resolve=True), "probes": ctx.probes.info(),
+                "code": code_version()}
+    ctx.fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    if cfg.force:
+        cached = list(R.cache_dir(ctx.run_dir).glob("step_*"))
+        log.info("%s: discarding %d cached files (force=true)", ctx.label, len(cached))
+        for p in cached:
             p.unlink()
-    if stale or old != fingerprint:
-        R.write_json({"fingerprint": fingerprint, **settings}, meta_path)
+    meta_path = R.cache_dir(ctx.run_dir) / "suite.json"
+    if (R.read_json(meta_path) or {}).get("fingerprint") != ctx.fingerprint:
+        R.write_json({"fingerprint": ctx.fingerprint, **settings}, meta_path)
+
+
+def checkpoint_key(path: Path, fingerprint: str) -> dict:
+    """What a cached result was computed from: the checkpoint's bytes and the analysis."""
+    return {"checkpoint_sha256": sha256_file(path), "checkpoint_size": path.stat().st_size,
+            "fingerprint": fingerprint}
+
+
+def _drop_cached(run_dir: Path, step: int) -> None:
+    for p in (R.cache_path(run_dir, step), R.token_cache_path(run_dir, step), R.key_path(run_dir, step)):
+        p.unlink(missing_ok=True)
 
 
 def pending_checkpoints(ctx: RunContext) -> list[tuple[int, Path]]:
-    """Checkpoints of the run without a cache file."""
-    return [(s, p) for s, p in R.checkpoint_files(ctx.run_dir) if not R.cache_path(ctx.run_dir, s).exists()]
+    """Checkpoints of the run without a valid cached result. A stale result (another file under
+    that name, other settings or code) is deleted here, so it can never be collected; the
+    metric errors of valid cached results are put back into ``ctx.errors``."""
+    pending = []
+    for step, path in R.list_checkpoints(ctx.run_dir):
+        cached = R.read_json(R.key_path(ctx.run_dir, step))
+        try:
+            key = checkpoint_key(path, ctx.fingerprint)
+        except OSError:  # vanished since it was listed (a sweep that prunes): nothing to analyse
+            continue
+        if cached is not None and R.cache_path(ctx.run_dir, step).exists() and cached.get("key") == key:
+            _replace_errors(ctx, step, cached.get("metric_errors", []))
+            continue
+        if cached is not None or R.cache_path(ctx.run_dir, step).exists():
+            log.info("%s: step %d: cached result is stale (%s); analysing it again", ctx.label, step,
+                     _why_stale(cached, key))
+        _drop_cached(ctx.run_dir, step)
+        pending.append((step, path))
+    return pending
+
+
+def _why_stale(cached: dict | None, key: dict) -> str:
+    old = (cached or {}).get("key") or {}
+    if not old:
+        return "no key"
+    if old.get("checkpoint_sha256") != key["checkpoint_sha256"]:
+        return "the checkpoint file changed"
+    return "the analysis settings or code changed"
+
+
+def _replace_errors(ctx: RunContext, step: int, new: list[dict]) -> None:
+    """This step's latest errors replace its earlier ones (a retried checkpoint)."""
+    ctx.errors[:] = [e for e in ctx.errors if e["step"] != step] + new
 
 
 def analyse_checkpoint(run_dir: str, label: str, step: int, path: str, probes: Probes, metrics: list[str],
-                       expected_args: dict, device: str = "cpu", threads: int | None = None) -> dict:
+                       expected_args: dict, fingerprint: str, device: str = "cpu",
+                       threads: int | None = None) -> dict:
     """Analyse one checkpoint and write its cache files. Never raises: errors come back as data.
 
     Runs in a worker process when n_jobs > 1, hence plain arguments and ``threads``
-    (each worker gets ``cores // n_jobs`` torch threads).
+    (each worker gets ``cores // n_jobs`` torch threads). The key is taken from the bytes
+    before they are loaded, so a file replaced meanwhile is caught on the next pass.
     """
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    run_dir = Path(run_dir)
+    run_dir, path = Path(run_dir), Path(path)
+    metric_errors: list[dict] = []
     try:
-        ckpt = load_checkpoint(path, map_location=device)
+        key = checkpoint_key(path, fingerprint)
+        ckpt = load_checkpoint(path, map_location=device, sha256=key["checkpoint_sha256"])  # manifest-checked
         args = {k: ckpt["model_args"].get(k) for k in SHAPE_FIELDS}
         if args != expected_args:
             raise CheckpointError(f"model shape {args} differs from the run's first checkpoint {expected_args}")
         model = model_from_checkpoint(ckpt, device)
-        df, tokens = checkpoint_rows(model, ckpt, step, probes.to(device), metrics)
     except Exception as e:  # a bad checkpoint must not stop the sweep; report it in one line
-        return {"run": label, "step": step, "path": str(path), "ok": False,
+        return {"run": label, "step": step, "path": str(path), "ok": False, "kind": "checkpoint",
                 "error": f"{type(e).__name__}: {_one_line(e)}" if not isinstance(e, CheckpointError) else _one_line(e)}
-    out = R.cache_path(run_dir, step)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    df, tokens = checkpoint_rows(model, ckpt, step, probes.to(device), metrics, errors=metric_errors)
+    metric_errors = [{"run": label, "step": step, "path": str(path), "kind": "metric", **e} for e in metric_errors]
     if tokens is not None:
-        tok_path = R.token_cache_path(run_dir, step)
-        tmp = tok_path.with_name(f".{tok_path.name}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, tokens.astype(np.float32))
-        os.replace(tmp, tok_path)
-    tmp = out.with_name(f".{out.name}.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, out)  # written last: its presence marks the checkpoint as done
+        atomic_write(R.token_cache_path(run_dir, step), lambda f: np.save(f, tokens.astype(np.float32)))
+    R.write_json({"key": key, "metric_errors": metric_errors}, R.key_path(run_dir, step))
+    # written last: its presence (with a matching key) marks the checkpoint as done
+    atomic_write(R.cache_path(run_dir, step), lambda f: df.to_parquet(f, index=False))
     return {"run": label, "step": step, "path": str(path), "ok": True, "n_rows": len(df),
-            "seconds": time.perf_counter() - t0}
+            "metric_errors": metric_errors, "seconds": time.perf_counter() - t0}
 
 
 def analyse_pending(contexts: list[RunContext], n_jobs: int = 1, device: str = "cpu",
@@ -208,7 +277,7 @@ def analyse_pending(contexts: list[RunContext], n_jobs: int = 1, device: str = "
     """Analyse every pending checkpoint of ``contexts``, ``n_jobs`` at a time; returns the statuses."""
     from tqdm.auto import tqdm
 
-    tasks = [(str(c.run_dir), c.label, s, str(p), c.probes, c.metrics, c.model_args, device)
+    tasks = [(str(c.run_dir), c.label, s, str(p), c.probes, c.metrics, c.model_args, c.fingerprint, device)
              for c in contexts if c.probes is not None for s, p in pending_checkpoints(c)]
     if not tasks:
         return []
@@ -228,11 +297,13 @@ def analyse_pending(contexts: list[RunContext], n_jobs: int = 1, device: str = "
     bar.close()
     by_label = {c.label: c for c in contexts}
     for r in results:
-        if not r["ok"]:
+        if r["ok"]:
+            for e in r["metric_errors"]:
+                log.warning("%s: step %d: metric %s failed: %s", r["run"], r["step"], e["metric"], e["error"])
+            _replace_errors(by_label[r["run"]], r["step"], r["metric_errors"])
+        else:
             log.warning("%s: skipped checkpoint step %d: %s", r["run"], r["step"], r["error"])
-            errors = by_label[r["run"]].errors
-            errors[:] = [e for e in errors if e["step"] != r["step"]]  # a retried checkpoint: latest error
-            errors.append({k: r[k] for k in ("run", "step", "path", "error")})
+            _replace_errors(by_label[r["run"]], r["step"], [{k: r[k] for k in ("run", "step", "path", "kind", "error")}])
     return results
 
 

@@ -30,11 +30,12 @@ column per evaluated token (``TOKEN_LOSS_PREFIX`` + index).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from induction_dynamics.files import atomic_write, write_text
 
 COLUMNS = ["run", "seed", "step", "tokens_seen", "metric", "layer", "head", "value"]
 DTYPES = {"run": "string", "seed": "int64", "step": "int64", "tokens_seen": "int64",
@@ -135,15 +136,9 @@ def make_frame(records: list[dict] | pd.DataFrame) -> pd.DataFrame:
 def write_atomic(df: pd.DataFrame, path: str | Path, csv: bool = False) -> None:
     """Write Parquet (and CSV next to it) via a temporary name + rename: no half-written file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: df.to_parquet(f, index=False))
     if csv:
-        csv_path = path.with_suffix(".csv")
-        tmp = csv_path.with_name(f".{csv_path.name}.tmp")
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, csv_path)
+        write_text(path.with_suffix(".csv"), df.to_csv(index=False))
 
 
 def model_metric(df: pd.DataFrame, metric: str) -> pd.Series:

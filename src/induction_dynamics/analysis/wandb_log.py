@@ -1,5 +1,10 @@
 """One W&B run per analysed training run (job_type "analysis"), through ``wandb_utils.WandbLogger``.
 
+Its id is kept in ``<run>/wandb/analysis_run.json``: analysing the run again (new checkpoints,
+``watch=true``, ``plots_only=true``) continues the same W&B run, and only checkpoints newer
+than those already logged add curve points (values recomputed for a logged step show in the
+table and summary, not as a second point). ``force=true`` starts a new analysis run.
+
 Same project and group as the training run (read from its checkpoint's ``config["wandb"]``,
 unless ``wandb.project`` / ``wandb.group`` are set), a name holding the seed, and every
 curve logged against the *training* iteration (step metric ``iter``), so the analysis
@@ -28,6 +33,7 @@ from pathlib import Path
 import pandas as pd
 
 from induction_dynamics.analysis.table import circuit_composition, induction_circuit, wide_by_step
+from induction_dynamics.run_files import wandb_state_path
 
 
 def run_name(info: dict) -> str:
@@ -42,32 +48,35 @@ def run_name(info: dict) -> str:
 class AnalysisLogger:
     """Streams a run's analysis rows to W&B in step order; images, table, summary at the end."""
 
-    def __init__(self, info: dict, wandb_cfg, run_dir: Path, config: dict):
+    def __init__(self, info: dict, wandb_cfg, run_dir: Path, config: dict, new_run: bool = False):
         from induction_dynamics.wandb_utils import WandbLogger  # imports wandb lazily
 
         train = info.get("train_wandb") or {}
+        state = wandb_state_path(run_dir, "analysis")
+        if new_run:
+            state.unlink(missing_ok=True)
         self.logger = WandbLogger(
             mode=wandb_cfg.mode, project=wandb_cfg.project or train.get("project") or "induction-dynamics",
             group=wandb_cfg.group or train.get("group"), name=run_name(info), job_type="analysis",
-            config=config, dir=run_dir, step_metric="iter")
-        self.last_step = -1
+            config=config, dir=run_dir, step_metric="iter", state_file=state)
 
     @property
     def active(self) -> bool:
         return self.logger.run is not None
 
     def log_new(self, table: pd.DataFrame) -> int:
-        """Log checkpoints newer than the last logged one (W&B records go in step order)."""
+        """Log checkpoints newer than the last logged one, over every analysis of this run
+        (W&B records go in step order); returns how many were logged."""
         if not self.active or table.empty:
             return 0
-        wide = wide_by_step(table[table["step"] > self.last_step])
+        wide = wide_by_step(table[table["step"] > self.logger.last_step("curves")])
+        n = 0
         for row in wide.to_dict("records"):
             step = int(row.pop("step"))
             record = {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
             record["analysis/tokens_seen"] = record.pop("tokens_seen")
-            self.logger.log(record, step=step)
-            self.last_step = step
-        return len(wide)
+            n += self.logger.log(record, step=step, stream="curves")
+        return n
 
     def finish(self, table: pd.DataFrame, phase: pd.DataFrame, plot_paths: list[Path], probes: dict) -> None:
         """Phase markers and summary, plot images, the per-checkpoint table; then close the run."""
@@ -84,7 +93,7 @@ class AnalysisLogger:
         for s in steps if records else []:  # the marker: a step function over the training iterations
             self.logger.log({f"analysis/phase_window/{r['metric']}":
                              int(bool(r["detected"]) and r["start_step"] <= s <= r["end_step"]) for r in records},
-                            step=int(s))
+                            step=int(s), stream="phase_window")
         comp = circuit_composition(table)  # the pair is known only once the last checkpoint is in
         if comp is not None:
             (li, hi), (lp, hp) = induction_circuit(table)
@@ -92,7 +101,7 @@ class AnalysisLogger:
             summary["analysis/circuit/previous_token_head"] = f"L{lp}H{hp}"
             for s in steps:
                 self.logger.log({f"analysis/circuit/{k.lower()}_composition": float(v[s])
-                                 for k, v in comp.items() if s in v.index}, step=int(s))
+                                 for k, v in comp.items() if s in v.index}, step=int(s), stream="circuit")
         summary["analysis/n_checkpoints"] = len(steps)
         self.logger.summary(summary)
         for p in plot_paths:
