@@ -58,7 +58,8 @@ def analyze_checkpoint(path_or_model, suite="default", *, overrides=(), data: di
     ``run``: the label in the ``run`` column (default: the run dir's name, as the sweep's).
     """
     from induction_dynamics.analysis import sweep
-    from induction_dynamics.checkpoint import STEP_RE, load_checkpoint, model_from_checkpoint
+    from induction_dynamics.checkpoint import load_checkpoint, model_from_checkpoint
+    from induction_dynamics.run_files import STEP_RE
     from induction_dynamics.model import GPT
 
     cfg = analysis_config(suite, overrides)
