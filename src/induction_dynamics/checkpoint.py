@@ -6,8 +6,10 @@ A history checkpoint is nanoGPT's format without optimizer state::
 
     {"model": state_dict, "model_args": {...GPTConfig fields...},
      "iter_num": int, "step": int, "tokens_seen": int,
-     "vocab": [str, ...],            # itos: token id -> character
+     "vocab": [str, ...] | None,     # a label per token id (the character, for characters)
+     "tokenizer": {"kind": ..., ...}, # tokenizer.py state: tokenizer_from_checkpoint(ckpt)
      "token_counts": [int, ...],     # training-text frequency of each token (probe design)
+     "data_source": {...},           # source and tokenizer sha256 (what the run saw)
      "config": {...resolved config as plain dict...},
      "val_loss": float | None}
 

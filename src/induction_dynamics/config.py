@@ -35,12 +35,16 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = False  # nanoGPT train.py's default: a bit better and faster
     attn_only: bool = False  # blocks without MLP: Olsson et al.'s attention-only models
+    vocab_size: Optional[int] = None  # None: the data's; larger pads the embedding (nanoGPT's 50304 for GPT-2)
 
 
 @dataclass
 class DataConfig:
-    name: str = "shakespeare"  # shakespeare | text_file | synthetic
+    name: str = "shakespeare"  # shakespeare | text_file | python_code | nanogpt | synthetic
     path: Optional[str] = None  # data=text_file: a UTF-8 text file
+    dir: Optional[str] = None  # data=nanogpt: a folder with nanoGPT's train.bin, val.bin (and meta.pkl)
+    tokenizer: str = "char"  # char | bpe (a byte-level BPE trained on the training split)
+    vocab_size: Optional[int] = None  # tokenizer=bpe: number of BPE tokens (e.g. 512 - 4096)
     cache_dir: Optional[str] = None  # token-array cache; None: $INDUCTION_DYNAMICS_CACHE or ~/.cache
     val_frac: float = 0.1
     # repeat curriculum (curriculum.insert_repeats): a fraction of training windows carry a repeat
@@ -120,7 +124,7 @@ def register_configs() -> None:
 
 register_configs()
 
-DATA_NAMES = ("shakespeare", "text_file", "synthetic")
+DATA_NAMES = ("shakespeare", "text_file", "python_code", "nanogpt", "synthetic")
 REPEAT_KINDS = ("random", "passage", "mixed", "unigram")
 WANDB_MODES = ("online", "offline", "disabled")
 
@@ -144,6 +148,15 @@ def validate(cfg: DictConfig | Any) -> None:
     if d.name == "text_file":
         _need(bool(d.path), "data=text_file needs data.path=<a UTF-8 text file>")
         _need(Path(d.path).expanduser().is_file(), f"data file not found: data.path={d.path}")
+    if d.name == "nanogpt":
+        _need(bool(d.dir) and Path(d.dir).expanduser().is_dir(),
+              f"data=nanogpt needs data.dir=<folder with train.bin and val.bin>, got {d.dir}")
+    _need(d.tokenizer in ("char", "bpe"), f"data.tokenizer={d.tokenizer!r} is not one of char, bpe")
+    if d.tokenizer == "bpe":
+        _need(d.name not in ("nanogpt", "synthetic"), f"data.tokenizer=bpe tokenizes text; data={d.name} is tokens")
+        _need(d.vocab_size is not None and 257 <= d.vocab_size <= 65535,
+              f"data.tokenizer=bpe needs 257 <= data.vocab_size <= 65535, got {d.vocab_size}")
+    _need(m.vocab_size is None or m.vocab_size > 0, f"model.vocab_size must be positive, got {m.vocab_size}")
     _need(0.0 < d.val_frac < 1.0, f"data.val_frac must lie strictly between 0 and 1, got {d.val_frac}")
     _need(0.0 <= d.repeat_frac <= 1.0, f"data.repeat_frac must lie in [0, 1], got {d.repeat_frac}")
     _need(d.repeat_kind in REPEAT_KINDS, f"data.repeat_kind={d.repeat_kind!r} is not one of {', '.join(REPEAT_KINDS)}")
@@ -180,8 +193,12 @@ def validate(cfg: DictConfig | Any) -> None:
     _need(w.mode in WANDB_MODES, f"wandb.mode={w.mode!r} is not one of {', '.join(WANDB_MODES)}")
 
 
-def validate_tokens(cfg, n_allowed: int) -> None:
-    """Checks that need the vocabulary: distinct tokens for the probe and for random repeats."""
+def validate_tokens(cfg, n_allowed: int, data_vocab_size: int | None = None) -> None:
+    """Checks that need the vocabulary: distinct tokens for the probe and for random repeats,
+    and a model.vocab_size (if set) that holds the data's vocabulary."""
+    if data_vocab_size is not None and cfg.model.vocab_size is not None:
+        _need(cfg.model.vocab_size >= data_vocab_size,
+              f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's {data_vocab_size} tokens")
     if cfg.probe.enabled:
         _need(cfg.probe.seq_len <= n_allowed,
               f"probe.seq_len={cfg.probe.seq_len} exceeds the {n_allowed} distinct probe tokens of this vocabulary")

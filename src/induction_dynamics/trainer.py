@@ -45,7 +45,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from induction_dynamics import checkpoint as ckpt_io
 from induction_dynamics import run_files
 from induction_dynamics.config import ConfigError, run_names, to_plain, validate, validate_tokens
-from induction_dynamics.data import BatchSampler, CharData, curriculum_args, load_data
+from induction_dynamics.data import BatchSampler, TokenData, curriculum_args, load_run_data
 from induction_dynamics.distributed import DistContext
 from induction_dynamics.files import write_text
 from induction_dynamics.interpretability.metrics import probe_token_ids
@@ -136,7 +136,7 @@ class Run:
     run_dir: Path
     dist: DistContext
     device: torch.device
-    data: CharData
+    data: TokenData
     allowed: torch.Tensor               # (n_allowed,) token ids the repeats and the probe draw from
     sampler: BatchSampler
     probe: InductionProbe | None
@@ -178,8 +178,8 @@ class Run:
 
     def checkpoint(self, val_loss) -> dict:
         return {"model": self.raw_model.state_dict(), "model_args": asdict(self.gptconf), "iter_num": self.iter_num,
-                "step": self.iter_num, "tokens_seen": self.tokens_seen, "vocab": list(self.data.vocab),
-                "token_counts": self.data.counts.tolist(), "config": self.plain, "val_loss": val_loss}
+                "step": self.iter_num, "tokens_seen": self.tokens_seen,
+                **self.data.checkpoint_entries(), "config": self.plain, "val_loss": val_loss}
 
 
 def _load_resume(cfg, run_dir: Path):
@@ -213,11 +213,9 @@ def _setup(cfg, run_dir: Path, dist: DistContext) -> Run:
     t, o = cfg.train, cfg.optim
 
     # ---- data, probe tokens (all checks done before the first file is written)
-    data = load_data(cfg.data.name, path=cfg.data.path, cache_dir=cfg.data.cache_dir, val_frac=cfg.data.val_frac,
-                     synthetic_vocab_size=cfg.data.synthetic_vocab_size,
-                     synthetic_tokens=cfg.data.synthetic_tokens, seed=0)
+    data = load_run_data(cfg.data)
     allowed = probe_token_ids(data.vocab_size, data.counts)  # (n_allowed,) repeats and probe draw from these
-    validate_tokens(cfg, len(allowed))
+    validate_tokens(cfg, len(allowed), data.vocab_size)
     if t.batch_size % dist.world_size:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {dist.world_size} processes")
     sampler = BatchSampler(data.train, t.batch_size, cfg.model.block_size, cfg.seed, **curriculum_args(cfg.data),
@@ -229,7 +227,7 @@ def _setup(cfg, run_dir: Path, dist: DistContext) -> Run:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
-    gptconf = GPTConfig(vocab_size=data.vocab_size, **OmegaConf.to_container(cfg.model))
+    gptconf = GPTConfig(**{**OmegaConf.to_container(cfg.model), "vocab_size": cfg.model.vocab_size or data.vocab_size})
     raw_model = GPT(gptconf).to(device)
     optimizer = raw_model.configure_optimizers(o.weight_decay, o.lr, (o.beta1, o.beta2), device.type)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
