@@ -75,6 +75,7 @@ class AnalyzeWandbConfig:
 @dataclass
 class AnalyzeConfig:
     run_dir: str = "???"
+    data_dir: Optional[str] = None    # a nanoGPT data folder, for checkpoints that do not name their data
     plots_only: bool = False
     watch: bool = False
     watch_poll_s: float = 15.0

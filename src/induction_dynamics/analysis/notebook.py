@@ -87,8 +87,6 @@ def analyze_checkpoint(path_or_model, suite="default", *, overrides=(), data: di
             train_config = {**train_config, "data": dict(data)}
     if step is None:
         step = int(ckpt.get("step", ckpt.get("iter_num", -1)))
-    if val_tokens is None:
-        val_tokens = sweep.validation_tokens(train_config, ckpt.get("vocab"))
     probes = sweep.probes_for(ckpt, train_config, cfg, val_tokens=val_tokens)
     df, _ = sweep.checkpoint_rows(model, ckpt, step, probes.to(device), metrics)
     label = run or (run_dir.resolve().name if run_dir is not None else "model")

@@ -6,8 +6,8 @@ the analysis seed (``Probes``), so every checkpoint sees the same inputs and run
 same data and shape see identical probes (comparable across seeds of a sweep):
 
 - ``induction``: ``[x, x]`` with ``induction_seq_len`` distinct tokens per half, drawn from
-  ``probe_token_ids`` (vocabulary minus its rarest/commonest 10%, from the checkpoint's
-  ``token_counts``); also used for duplicate-token, copying and induction-loss scores.
+  ``probe_token_ids`` (the tokens the training text uses minus their rarest/commonest 10%,
+  from the checkpoint's ``token_counts``); also used for duplicate-token, copying and induction-loss scores.
 - ``prefix``: Olsson et al.'s prefix-matching probe, ``prefix_seq_len`` tokens x 4.
 - ``text``: ``text_windows`` fixed windows of ``block_size`` validation tokens (the
   checkpoint's ``config["data"]`` through ``data.load_data``): previous-token score, ICL
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from induction_dynamics.analysis.config import SUITE_METRICS
-from induction_dynamics.data import BatchSampler, curriculum_args
+from induction_dynamics.data import BatchSampler, curriculum_args, windows
 from induction_dynamics.analysis.table import pair_metric
 from induction_dynamics.interpretability import activation_patching as ap
 from induction_dynamics.interpretability import composition as comp
@@ -111,7 +111,7 @@ def make_probes(suite, *, vocab_size: int, block_size: int, token_counts, val_to
     if len(val_tokens) < T + 1:
         raise ValueError(f"the validation split has {len(val_tokens)} tokens, fewer than block_size+1={T + 1}")
     starts = torch.randint(len(val_tokens) - T, (suite.text_windows,), generator=gen("text"))
-    text = torch.stack([val_tokens[s:s + T] for s in starts.tolist()])  # (W, T)
+    text = windows(val_tokens, starts, T)  # (W, T)
     early, late = suite.icl_positions if suite.icl_positions else M.icl_positions(T)
     if not 0 <= early < late < T - 1:
         raise ValueError(f"icl_positions must satisfy 0 <= early < late < {T - 1}, got [{early}, {late}]")

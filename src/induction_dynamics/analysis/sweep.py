@@ -1,7 +1,7 @@
 """Checkpoints -> cached tidy rows: per-run setup, the per-checkpoint cache, parallel workers.
 
 For each run: read the first readable checkpoint (model shape, vocabulary, token counts,
-training config), load its validation text (``data.load_data(**config["data"])``), draw
+training config), load its validation text (``run_data``: ``data.load_run_data(config["data"])``), draw
 the probes (``suite.make_probes``), then analyse every checkpoint that has no cache file
 yet. Each checkpoint's rows are written to ``analysis/cache/step_XXXXXX.parquet`` by the
 worker itself (atomically, the Parquet file last: its presence means "done"), so an
@@ -21,7 +21,6 @@ reused. A checkpoint whose bytes differ from the sha256 the trainer recorded in
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import time
@@ -95,27 +94,39 @@ def code_version() -> dict:
 
 
 @lru_cache(maxsize=8)
-def _load_data_cached(kwargs_json: str):
-    from induction_dynamics.data import load_data  # H2's module; imported only when text is needed
-    return load_data(**json.loads(kwargs_json))
+def _load_data_cached(data_cfg_json: str):
+    from induction_dynamics.data import load_run_data  # imported only when text is needed
+    return load_run_data(json.loads(data_cfg_json))
 
 
-def validation_tokens(train_config: dict, vocab: list[str]) -> torch.Tensor:
-    """The validation split of the run's own data (``config['data']``), checked against its vocabulary."""
-    from induction_dynamics.data import load_data
-    data_cfg = dict(train_config.get("data") or {})
-    accepted = set(inspect.signature(load_data).parameters)
-    # the trainer's own call: data keys load_data knows; the synthetic stream's seed stays
-    # load_data's default (the run's seed drives the batch sampler, not the token stream)
-    kwargs = {k: v for k, v in data_cfg.items() if k in accepted}
+def run_data(train_config: dict, ckpt: dict, data_dir: str | None = None):
+    """The run's own data (``config['data']``), or the nanoGPT folder ``data_dir`` when one is
+    named, checked against the checkpoint's vocabulary (``tokenizer_from_checkpoint``).
+
+    A checkpoint that carries no vocabulary and names no dataset (a plain nanoGPT ckpt.pt)
+    is a one-line AnalysisError: scoring it on some default text would use a foreign vocabulary.
+    """
+    from induction_dynamics.tokenizer import TokenizerError, tokenizer_from_checkpoint
     try:
-        data = _load_data_cached(json.dumps(kwargs, sort_keys=True, default=str))
+        tok = tokenizer_from_checkpoint(ckpt)
+    except TokenizerError as e:
+        tok, no_vocab = None, str(e)
+    data_cfg = {"name": "nanogpt", "dir": str(data_dir)} if data_dir else dict(train_config.get("data") or {})
+    if not data_cfg:
+        raise R.AnalysisError(no_vocab if tok is None else
+                              "the checkpoint names no dataset (no config['data']); name its data folder: data_dir=...")
+    try:
+        data = _load_data_cached(json.dumps(data_cfg, sort_keys=True, default=str))
     except ValueError as e:  # DataError is a ValueError: missing file, unknown name, ...
         raise R.AnalysisError(f"cannot load the run's validation text ({_one_line(e)})") from e
-    if vocab is not None and list(data.vocab) != list(vocab):
-        raise R.AnalysisError("the validation text's vocabulary differs from the checkpoint's "
-                              f"({len(data.vocab)} vs {len(vocab)} tokens): was the data changed?")
-    return data.val
+    if tok is not None and tok.fingerprint != data.tokenizer.fingerprint:
+        raise R.AnalysisError(f"the validation text's vocabulary ({data.tokenizer.kind}, {data.vocab_size} tokens) "
+                              f"differs from the checkpoint's ({tok.kind}, {tok.vocab_size}): was the data changed?")
+    n_model = (ckpt.get("model_args") or {}).get("vocab_size")
+    if n_model is not None and n_model < data.vocab_size:
+        raise R.AnalysisError(f"the data has {data.vocab_size} tokens but the model only {n_model}: "
+                              "not the data this checkpoint was trained on")
+    return data
 
 
 def train_config_of(ckpt: dict, run_dir: Path | None) -> dict:
@@ -129,10 +140,12 @@ def train_config_of(ckpt: dict, run_dir: Path | None) -> dict:
 def probes_for(ckpt: dict, train_config: dict, cfg, val_tokens: torch.Tensor | None = None) -> Probes:
     """A run's probes, from any of its checkpoints (they share vocabulary and token counts);
     ``val_tokens``: the text windows' source when not the run's own validation split."""
-    args = ckpt["model_args"]
-    val = validation_tokens(train_config, ckpt.get("vocab")) if val_tokens is None else val_tokens
+    args, counts = ckpt["model_args"], ckpt.get("token_counts")
+    if val_tokens is None:
+        data = run_data(train_config, ckpt, cfg.get("data_dir"))
+        val_tokens, counts = data.val, data.counts if counts is None else counts
     return make_probes(cfg.suite, vocab_size=args["vocab_size"], block_size=args["block_size"],
-                       token_counts=ckpt.get("token_counts"), val_tokens=val, seed=cfg.seed,
+                       token_counts=counts, val_tokens=val_tokens, seed=cfg.seed,
                        data_config=train_config.get("data"))
 
 

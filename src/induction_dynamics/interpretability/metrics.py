@@ -20,18 +20,27 @@ from induction_dynamics.interpretability.utils import HookManager
 
 
 def probe_token_ids(vocab_size: int, counts: torch.Tensor | None = None, drop_frac: float = 0.1) -> torch.Tensor:
-    """Token ids for random probes: the vocabulary minus its rarest and most common entries.
+    """Token ids for random probes: the tokens the training text uses, minus the rarest and
+    most common of them.
 
-    ``counts`` (vocab_size,) are token frequencies in the training text; ``drop_frac`` of the
-    vocabulary is dropped at each end (Olsson et al. exclude the most and least common
-    tokens). Without counts every token is allowed.
+    ``counts`` (vocab_size,) are token frequencies in the training text (a shorter vector
+    leaves the ids past its end unused: a padded embedding); ``drop_frac`` of the used
+    tokens is dropped at each end (Olsson et al. exclude the most and least common tokens).
+    Tokens that never occur in training are never drawn: with a 50,257-token GPT-2
+    vocabulary over a small dataset, most ids are such untrained rows. Without counts every
+    token is allowed.
     """
     if counts is None:
         return torch.arange(vocab_size)
-    order = torch.argsort(counts.float(), stable=True)  # rarest first
-    k = int(vocab_size * drop_frac)
-    kept = order[k: vocab_size - k]
-    return torch.sort(kept).values
+    c = torch.zeros(vocab_size)
+    n = min(vocab_size, len(counts))
+    c[:n] = torch.as_tensor(counts[:n]).float()
+    used = torch.nonzero(c > 0).flatten()  # sorted ids
+    if len(used) == 0:
+        return torch.arange(vocab_size)
+    order = used[torch.argsort(c[used], stable=True)]  # rarest first; ties by id
+    k = int(len(used) * drop_frac)
+    return torch.sort(order[k: len(used) - k]).values
 
 
 def repeated_random_tokens(allowed: torch.Tensor, seq_len: int, batch: int, n_repeats: int = 2,
