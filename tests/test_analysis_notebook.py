@@ -67,7 +67,12 @@ def test_a_bare_model_needs_text_and_gives_the_checkpoints_head_scores(sweep):
         assert a.tolist() == b.tolist(), metric
     val = load_data(**DATA).val
     with_tokens = analyze_checkpoint(model, suite="fast", val_tokens=val)
-    pd.testing.assert_frame_equal(with_tokens, from_model)
+    # data= also gives the training text's token counts (the probes' tokens); bare token ids do
+    # not, so only the text metrics must agree
+    text = with_tokens["metric"].isin(["previous_token_score", "icl_score", "text_loss"])
+    pd.testing.assert_frame_equal(with_tokens[text].reset_index(drop=True),
+                                  from_model[from_model["metric"].isin(["previous_token_score", "icl_score",
+                                                                        "text_loss"])].reset_index(drop=True))
 
 
 def test_load_results_of_a_sweep(sweep, tmp_path):

@@ -1,11 +1,9 @@
 """Text <-> token ids with the vocabulary a checkpoint carries.
 
 Every place that turns a checkpoint's token ids into text (``sample.py``, the labels of
-attention-pattern figures) goes through ``Vocab.from_checkpoint``, so a new kind of
-vocabulary saved with the checkpoint is decoded by adding it here and nowhere else.
-
-Today a checkpoint holds ``checkpoint["vocab"]``: the list ``itos`` (token id -> character)
-of a character-level run.
+attention-pattern figures) goes through ``Vocab.from_checkpoint``. The vocabulary itself is
+the checkpoint's tokenizer (``tokenizer.tokenizer_from_checkpoint``: characters, a byte-level
+BPE, or bare GPT-2 ids); a new kind of tokenizer is added in tokenizer.py and nowhere else.
 """
 
 from __future__ import annotations
@@ -14,45 +12,55 @@ from collections.abc import Iterable
 
 from induction_dynamics.checkpoint import CheckpointError
 from induction_dynamics.data import DataError
+from induction_dynamics.tokenizer import CharTokenizer, TokenizerError, tokenizer_from_checkpoint
 
 # how a character is drawn as a plot label: whitespace made visible
 _LABELS = {"\n": "\\n", " ": "␣", "\t": "\\t", "\r": "\\r"}
 
 
 class Vocab:
-    """Character vocabulary: ``encode(str) -> [id, ...]``, ``decode(ids) -> str``, ``labels(ids)``."""
+    """A checkpoint's tokenizer: ``encode(str) -> [id, ...]``, ``decode(ids) -> str``, ``labels(ids)``.
 
-    def __init__(self, itos: list[str]):
-        self.itos = list(itos)
-        self.stoi = {ch: i for i, ch in enumerate(self.itos)}
+    ``tokenizer``: a tokenizer.py tokenizer, or a character list ``itos``.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer if hasattr(tokenizer, "decode") else CharTokenizer(list(tokenizer))
+        self.itos = self.tokenizer.token_strings()  # a label per id (the character itself for characters)
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> Vocab:
         """The vocabulary saved with a checkpoint; CheckpointError (one line) when it has none."""
-        itos = ckpt.get("vocab")
-        if not itos:
-            raise CheckpointError("the checkpoint carries no vocabulary (no 'vocab' entry): its tokens cannot be "
-                                  "turned into text")
-        return cls(itos)
+        try:
+            return cls(tokenizer_from_checkpoint(ckpt))
+        except TokenizerError as e:
+            raise CheckpointError(f"{e}: its tokens cannot be turned into text") from None
+
+    @property
+    def stoi(self) -> dict[str, int]:
+        return {t: i for i, t in enumerate(self.itos)}
 
     def __len__(self) -> int:
-        return len(self.itos)
+        return self.tokenizer.vocab_size
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; a character outside the vocabulary is a DataError naming it."""
-        missing = sorted({c for c in text if c not in self.stoi})
-        if missing:
-            shown = ", ".join(repr(c) for c in missing[:5]) + (", ..." if len(missing) > 5 else "")
-            raise DataError(f"character(s) {shown} not in the checkpoint's {len(self)}-character vocabulary")
-        return [self.stoi[c] for c in text]
+        """Token ids of ``text``; text the vocabulary cannot encode is a DataError naming why."""
+        if self.tokenizer.kind == "char":
+            stoi = self.tokenizer.stoi
+            missing = sorted({c for c in text if c not in stoi})
+            if missing:
+                shown = ", ".join(repr(c) for c in missing[:5]) + (", ..." if len(missing) > 5 else "")
+                raise DataError(f"character(s) {shown} not in the checkpoint's {len(self)}-character vocabulary")
+        try:
+            return self.tokenizer.encode(text)
+        except TokenizerError as e:
+            raise DataError(str(e)) from None
 
     def decode(self, ids: Iterable[int]) -> str:
-        if hasattr(ids, "tolist"):  # a tensor or an array, any shape
-            ids = ids.reshape(-1).tolist()
-        return "".join(self.itos[int(i)] for i in ids)
+        return self.tokenizer.decode(ids)
 
     def labels(self, ids: Iterable[int]) -> list[str]:
         """One readable label per token (whitespace made visible), for plot axes."""
         if hasattr(ids, "tolist"):
             ids = ids.reshape(-1).tolist()
-        return [_LABELS.get(t, t) for t in (self.itos[int(i)] for i in ids)]
+        return ["".join(_LABELS.get(c, c) for c in self.itos[int(i)]) for i in ids]
