@@ -111,6 +111,10 @@ CLI_BAD = [  # the issue's list: each exits non-zero with one line, before any w
     (["experiment=nope"], ["experiment/nope"]),
     (["model.n_layers=3"], ["n_layers"]),  # unknown key (typo)
     (["train.max_iters=lots"], ["max_iters", "lots"]),  # wrong type
+    # option strings are Enums: the allowed values come from options.py, in the message
+    (["data.repeat_kind=bogus"], ["repeat_kind", "bogus", "random, passage, mixed, unigram"]),
+    (["wandb.mode=sideways"], ["sideways", "online, offline, disabled"]),
+    (["checkpoint.schedule=weekly"], ["weekly", "linear, log"]),
 ]
 
 

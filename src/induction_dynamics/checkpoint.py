@@ -27,6 +27,7 @@ import torch
 
 from induction_dynamics.files import atomic_write
 from induction_dynamics.model import GPT, GPTConfig
+from induction_dynamics.options import CheckpointSchedule
 from induction_dynamics.run_files import (history_path, list_checkpoints, resume_path,  # noqa: F401 (re-exported)
                                          verify_checkpoint)
 
@@ -78,7 +79,7 @@ def history_steps(max_iters: int, every: int, schedule: str = "linear") -> list[
             steps.add(p)
             p *= 2
     elif schedule != "linear":
-        raise ValueError(f"checkpoint.schedule must be 'linear' or 'log', got {schedule!r}")
+        raise ValueError(f"checkpoint.schedule must be one of {', '.join(CheckpointSchedule.values())}, got {schedule!r}")
     return sorted(steps)
 
 

@@ -3,7 +3,8 @@
 The dataclasses give every key a type and a default; ``conf/config.yaml`` composes them
 with the YAML groups under ``conf/`` (``model/``, ``data/``, ``optim/``, ``checkpoint/``,
 ``probe/``, ``wandb/``, ``experiment/``). A typo in a key or a value of the wrong type is
-rejected by OmegaConf when the config is composed; ``validate`` then checks what types
+rejected by OmegaConf when the config is composed (option strings are the Enums of
+``options.py``, so a bad value is rejected there too); ``validate`` then checks what types
 cannot (divisibility, positive intervals, probe vs block size, data file present) and
 raises ``ConfigError`` with a one-line message *before* any work starts.
 
@@ -19,6 +20,8 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+
+from induction_dynamics.options import CheckpointSchedule, DataName, RepeatKind, Tokenizer, WandbMode
 
 
 class ConfigError(ValueError):
@@ -40,16 +43,16 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "shakespeare"  # shakespeare | text_file | python_code | nanogpt | synthetic
+    name: DataName = DataName.shakespeare
     path: Optional[str] = None  # data=text_file: a UTF-8 text file
     dir: Optional[str] = None  # data=nanogpt: a folder with nanoGPT's train.bin, val.bin (and meta.pkl)
-    tokenizer: str = "char"  # char | bpe (a byte-level BPE trained on the training split)
+    tokenizer: Tokenizer = Tokenizer.char
     vocab_size: Optional[int] = None  # tokenizer=bpe: number of BPE tokens (e.g. 512 - 4096)
     cache_dir: Optional[str] = None  # token-array cache; None: $INDUCTION_DYNAMICS_CACHE or ~/.cache
     val_frac: float = 0.1
     # repeat curriculum (curriculum.insert_repeats): a fraction of training windows carry a repeat
     repeat_frac: float = 0.0
-    repeat_kind: str = "random"  # random | passage | mixed | unigram
+    repeat_kind: RepeatKind = RepeatKind.random
     repeat_min: int = 10
     repeat_max: int = 26
     synthetic_vocab_size: int = 26
@@ -85,7 +88,7 @@ class OptimConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 250
-    schedule: str = "log"  # linear: 0, every, 2*every, ..., last; log: also 1, 2, 4, 8, ...
+    schedule: CheckpointSchedule = CheckpointSchedule.log
 
 
 @dataclass
@@ -99,7 +102,7 @@ class ProbeConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # offline | online | disabled
+    mode: WandbMode = WandbMode.offline
     project: str = "induction-dynamics"
     group: Optional[str] = None  # None: the experiment or sweep name
     name: Optional[str] = None  # None: <group>-seed<seed>; the seed is always in the name
@@ -124,9 +127,6 @@ def register_configs() -> None:
 
 register_configs()
 
-DATA_NAMES = ("shakespeare", "text_file", "python_code", "nanogpt", "synthetic")
-REPEAT_KINDS = ("random", "passage", "mixed", "unigram")
-WANDB_MODES = ("online", "offline", "disabled")
 
 
 def _need(ok: bool, message: str) -> None:
@@ -136,7 +136,7 @@ def _need(ok: bool, message: str) -> None:
 
 def validate(cfg: DictConfig | Any) -> None:
     """Raise ConfigError (one line) for the first invalid value; cheap, touches no data."""
-    m, d, t, o, c, p, w = cfg.model, cfg.data, cfg.train, cfg.optim, cfg.checkpoint, cfg.probe, cfg.wandb
+    m, d, t, o, c, p = cfg.model, cfg.data, cfg.train, cfg.optim, cfg.checkpoint, cfg.probe
     _need(m.n_layer >= 1 and m.n_head >= 1 and m.n_embd >= 1,
           f"model.n_layer, model.n_head and model.n_embd must be positive, got {m.n_layer}, {m.n_head}, {m.n_embd}")
     _need(m.n_embd % m.n_head == 0,
@@ -144,14 +144,12 @@ def validate(cfg: DictConfig | Any) -> None:
     _need(m.block_size >= 2, f"model.block_size must be at least 2, got {m.block_size}")
     _need(0.0 <= m.dropout < 1.0, f"model.dropout must lie in [0, 1), got {m.dropout}")
 
-    _need(d.name in DATA_NAMES, f"data.name={d.name!r} is not one of {', '.join(DATA_NAMES)}")
     if d.name == "text_file":
         _need(bool(d.path), "data=text_file needs data.path=<a UTF-8 text file>")
         _need(Path(d.path).expanduser().is_file(), f"data file not found: data.path={d.path}")
     if d.name == "nanogpt":
         _need(bool(d.dir) and Path(d.dir).expanduser().is_dir(),
               f"data=nanogpt needs data.dir=<folder with train.bin and val.bin>, got {d.dir}")
-    _need(d.tokenizer in ("char", "bpe"), f"data.tokenizer={d.tokenizer!r} is not one of char, bpe")
     if d.tokenizer == "bpe":
         _need(d.name not in ("nanogpt", "synthetic"), f"data.tokenizer=bpe tokenizes text; data={d.name} is tokens")
         _need(d.vocab_size is not None and 257 <= d.vocab_size <= 65535,
@@ -159,7 +157,6 @@ def validate(cfg: DictConfig | Any) -> None:
     _need(m.vocab_size is None or m.vocab_size > 0, f"model.vocab_size must be positive, got {m.vocab_size}")
     _need(0.0 < d.val_frac < 1.0, f"data.val_frac must lie strictly between 0 and 1, got {d.val_frac}")
     _need(0.0 <= d.repeat_frac <= 1.0, f"data.repeat_frac must lie in [0, 1], got {d.repeat_frac}")
-    _need(d.repeat_kind in REPEAT_KINDS, f"data.repeat_kind={d.repeat_kind!r} is not one of {', '.join(REPEAT_KINDS)}")
     if d.repeat_frac > 0:
         _need(1 <= d.repeat_min <= d.repeat_max,
               f"data.repeat_min/repeat_max need 1 <= min <= max, got {d.repeat_min}, {d.repeat_max}")
@@ -185,12 +182,10 @@ def validate(cfg: DictConfig | Any) -> None:
     _need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim.beta1/beta2 must lie in [0, 1), got {o.beta1}, {o.beta2}")
     _need(o.grad_clip >= 0, f"optim.grad_clip must be non-negative (0 disables it), got {o.grad_clip}")
 
-    _need(c.schedule in ("linear", "log"), f"checkpoint.schedule={c.schedule!r} must be linear or log")
     _need(p.seq_len >= 2, f"probe.seq_len must be at least 2, got {p.seq_len}")
     _need(2 * p.seq_len <= m.block_size,
           f"model.block_size={m.block_size} is shorter than the probe's repeated sequence "
           f"(2 * probe.seq_len = {2 * p.seq_len}); lower probe.seq_len or raise model.block_size")
-    _need(w.mode in WANDB_MODES, f"wandb.mode={w.mode!r} is not one of {', '.join(WANDB_MODES)}")
 
 
 def validate_tokens(cfg, n_allowed: int, data_vocab_size: int | None = None) -> None:
@@ -221,7 +216,7 @@ def run_names(cfg, experiment: str | None = None, sweep: str | None = None) -> t
 
 def to_plain(cfg) -> dict:
     """The resolved config as a plain dict (what checkpoints and W&B store)."""
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
 
 
 def default_config() -> DictConfig:

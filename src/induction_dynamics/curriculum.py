@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import torch
 
-KINDS = ("random", "passage", "mixed", "unigram")
+from induction_dynamics.options import RepeatKind
+
+KINDS = RepeatKind.values()
 
 
 def _check(T1: int, frac: float, kind: str, min_len: int, max_len: int,

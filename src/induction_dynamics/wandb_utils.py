@@ -43,10 +43,11 @@ import urllib.request
 from pathlib import Path
 
 from induction_dynamics.files import read_json, write_json
+from induction_dynamics.options import WandbMode
 
 log = logging.getLogger(__name__)
 
-MODES = ("online", "offline", "disabled")
+MODES = WandbMode.values()
 INIT_TIMEOUT_S = 10.0  # W&B adds a ~10 s grace period on top of this: ~20 s worst case
 REACH_TIMEOUT_S = 5.0  # the quick HTTP check that skips that wait when the server cannot answer
 

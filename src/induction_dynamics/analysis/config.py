@@ -11,6 +11,8 @@ from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 
+from induction_dynamics.options import WandbMode
+
 # config metric id -> table metrics it produces (see table.METRICS)
 SUITE_METRICS = {
     "induction": ["induction_score"],
@@ -67,7 +69,7 @@ class PlotsConfig:
 
 @dataclass
 class AnalyzeWandbConfig:
-    mode: str = "offline"             # offline | online | disabled
+    mode: WandbMode = WandbMode.offline
     project: Optional[str] = None     # null: the training run's project (checkpoint config)
     group: Optional[str] = None       # null: the training run's group
 

@@ -164,7 +164,7 @@ def _plots_only(root: Path, run_dirs: list[Path], is_sweep: bool, cfg) -> dict:
 
 
 def _analysis_config(cfg) -> dict:
-    c = OmegaConf.to_container(cfg, resolve=True)
+    c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     c.pop("hydra", None)
     return c
 
@@ -179,8 +179,6 @@ def analyze(cfg) -> dict:
     if not root.exists():
         raise R.AnalysisError(f"run_dir not found: {root}")
     is_sweep = not R.is_run_dir(root)
-    if cfg.wandb.mode not in ("online", "offline", "disabled"):
-        raise R.AnalysisError(f"wandb.mode must be online, offline or disabled, got {cfg.wandb.mode!r}")
     if cfg.plots_only:
         return _plots_only(root, R.find_runs(root), is_sweep, cfg)
     if not cfg.watch and not any(R.list_checkpoints(d) for d in R.find_runs(root)):  # before importing torch

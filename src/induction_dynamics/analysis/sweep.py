@@ -190,7 +190,7 @@ def _check_cache_settings(ctx: RunContext, cfg) -> None:
     """Fix the run's analysis fingerprint (settings + code) and record it in ``cache/suite.json``;
     ``force=true`` discards every cached result of the run."""
     settings = {"version": CACHE_VERSION, "seed": int(cfg.seed), "metrics": sorted(ctx.metrics),
-                "suite": OmegaConf.to_container(cfg.suite, resolve=True), "probes": ctx.probes.info(),
+                "suite": OmegaConf.to_container(cfg.suite, resolve=True, enum_to_str=True), "probes": ctx.probes.info(),
                 "code": code_version()}
     ctx.fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     if cfg.force:
