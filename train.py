@@ -17,7 +17,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from induction_dynamics.cli import main_wrapper, multirun_show_cfg, one_line_errors
+from induction_dynamics.cli import (agree_run_dir, hydra_overrides_for_rank, main_wrapper, multirun_show_cfg,
+                                    one_line_errors, thread_budget)
 from induction_dynamics.config import ConfigError, run_names, validate
 
 
@@ -40,10 +41,10 @@ def hydra_main(cfg: DictConfig) -> float | None:
     if distributed.under_torchrun() and hc.mode == RunMode.MULTIRUN:
         raise ConfigError("torchrun runs one training; launch a sweep (-m) without torchrun")
     # parallel jobs (joblib, submitit, torchrun ranks) share the cores: cores // processes threads each
-    distributed.set_worker_threads(hc.launcher if hc.mode == RunMode.MULTIRUN else None)
+    distributed.set_worker_threads(thread_budget(hc.launcher if hc.mode == RunMode.MULTIRUN else None))
     dist = distributed.setup(cfg.train.device)  # torchrun: join the process group; else one process
     try:
-        run_dir = distributed.agree_run_dir(dist, hc.runtime.output_dir)  # rank 0's, on every rank
+        run_dir = agree_run_dir(dist, hc.runtime.output_dir)  # rank 0's, on every rank
         result = train(cfg, run_dir=run_dir, dist=dist)
     finally:
         distributed.cleanup(dist)
@@ -52,7 +53,6 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     if int(os.environ.get("RANK", "0")) > 0:  # torchrun: Hydra's files come from rank 0 (docs/scaling.md)
-        from induction_dynamics.distributed import hydra_overrides_for_rank
         sys.argv += hydra_overrides_for_rank()
     sys.argv = multirun_show_cfg(sys.argv)  # -m ... --cfg hydra: show a sweep job's launcher config
     sys.exit(main_wrapper(hydra_main))

@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 from train_helpers import CONF, ROOT, TINY, cli_env, run_train, wandb_records
 
 from induction_dynamics.checkpoint import list_checkpoints, load_checkpoint
-from induction_dynamics.distributed import cpu_cores, thread_budget
+from induction_dynamics.cli import thread_budget
+from induction_dynamics.distributed import cpu_cores
 
 SWEEP = [*TINY, "train.max_iters=6", "train.eval_every=3", "checkpoint.every=3", "probe.every=3"]
 

@@ -1,4 +1,7 @@
-"""Entry-point helper: bad input ends in one line on stderr and a non-zero exit, no traceback.
+"""The command-line layer shared by train.py, analyze_checkpoints.py and sample.py: one-line
+errors, and what only a Hydra launch knows (a launcher's thread budget, torchrun ranks' run dir).
+
+Bad input ends in one line on stderr and a non-zero exit, no traceback:
 
     if __name__ == "__main__":
         sys.exit(main_wrapper(hydra_main))
@@ -12,6 +15,7 @@ traceback. ``HYDRA_FULL_ERROR=1`` (set by the user) shows full tracebacks for ev
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -131,3 +135,57 @@ def multirun_show_cfg(argv: list[str]) -> list[str]:
                 pass
         out.append(arg)
     return out
+
+
+# --------------------------------------------------------------------------- Hydra launchers' threads
+
+def thread_budget(launcher=None) -> int | None:
+    """Torch threads for one of several processes sharing this machine, or None (not shared).
+
+    - torchrun: ``cores // LOCAL_WORLD_SIZE``;
+    - Hydra's joblib launcher: ``cores // n_jobs`` (n_jobs=-1: every core runs a job, 1 thread);
+    - Hydra's submitit launchers: ``cpus_per_task`` (unset: 1, SLURM's default allocation);
+    - the basic launcher runs jobs one after another: None.
+    Two full-thread torch processes on the same cores run many times slower than one.
+    """
+    from induction_dynamics.distributed import cpu_cores, env_ranks
+
+    cores = cpu_cores()
+    _, world, _, local_world = env_ranks()
+    if world > 1:
+        return max(1, cores // max(1, local_world))
+    target = str((launcher or {}).get("_target_", "")) if launcher is not None else ""
+    if "joblib" in target.lower():
+        n_jobs = launcher.get("n_jobs") or 1
+        n_jobs = cores + 1 + n_jobs if n_jobs < 0 else n_jobs  # joblib: -1 = all cores, -2 = all but one
+        return max(1, cores // max(1, n_jobs))
+    if "submitit" in target.lower():
+        return max(1, int(launcher.get("cpus_per_task") or 1))
+    return None
+
+
+# --------------------------------------------------------------------------- Hydra under torchrun
+
+def hydra_overrides_for_rank() -> list[str]:
+    """Command-line overrides for a torchrun rank other than 0, added before Hydra starts.
+
+    Rank 0 alone writes Hydra's files (``.hydra/``, ``train.log``); the other ranks log
+    warnings and errors to stdout. Their run directory is then rank 0's (``agree_run_dir``).
+    """
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun's rank (distributed.env_ranks)
+        return []
+    return ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.job_logging.root.level=WARNING"]
+
+
+def agree_run_dir(ctx, own_dir: str) -> str:
+    """Rank 0's run directory on every rank.
+
+    The default ``hydra.run.dir`` holds ``${now:...}``, which each rank resolves at its own
+    start, possibly a second apart; rank 0's wins. A rank whose own (empty) directory
+    differs removes it again. An explicit ``hydra.run.dir`` is the same on every rank anyway.
+    """
+    run_dir = ctx.broadcast(str(own_dir))  # ctx: distributed.DistContext
+    if run_dir != str(own_dir):
+        with contextlib.suppress(OSError):
+            os.rmdir(own_dir)  # only ever removes an empty directory
+    return run_dir

@@ -178,62 +178,12 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def thread_budget(launcher=None) -> int | None:
-    """Torch threads for one of several processes sharing this machine, or None (not shared).
-
-    - torchrun: ``cores // LOCAL_WORLD_SIZE``;
-    - Hydra's joblib launcher: ``cores // n_jobs`` (n_jobs=-1: every core runs a job, 1 thread);
-    - Hydra's submitit launchers: ``cpus_per_task`` (unset: 1, SLURM's default allocation);
-    - the basic launcher runs jobs one after another: None.
-    Two full-thread torch processes on the same cores run many times slower than one.
-    """
-    cores = cpu_cores()
-    _, world, _, local_world = env_ranks()
-    if world > 1:
-        return max(1, cores // max(1, local_world))
-    target = str((launcher or {}).get("_target_", "")) if launcher is not None else ""
-    if "joblib" in target.lower():
-        n_jobs = launcher.get("n_jobs") or 1
-        n_jobs = cores + 1 + n_jobs if n_jobs < 0 else n_jobs  # joblib: -1 = all cores, -2 = all but one
-        return max(1, cores // max(1, n_jobs))
-    if "submitit" in target.lower():
-        return max(1, int(launcher.get("cpus_per_task") or 1))
-    return None
-
-
-def set_worker_threads(launcher=None) -> int:
-    """Cap torch's intra-op threads at ``thread_budget(launcher)``; return the count in use.
+def set_worker_threads(budget: int | None) -> int:
+    """Cap torch's intra-op threads at ``budget`` (None: leave them); return the count in use.
 
     Never raises the count above torch's own default (OMP_NUM_THREADS, the affinity mask).
+    The budget of a Hydra launcher's job: ``cli.thread_budget``.
     """
-    budget = thread_budget(launcher)
     if budget is not None and budget < torch.get_num_threads():
         torch.set_num_threads(budget)
     return torch.get_num_threads()
-
-
-# --------------------------------------------------------------------------- Hydra under torchrun
-
-def hydra_overrides_for_rank() -> list[str]:
-    """Command-line overrides for a torchrun rank other than 0, added before Hydra starts.
-
-    Rank 0 alone writes Hydra's files (``.hydra/``, ``train.log``); the other ranks log
-    warnings and errors to stdout. Their run directory is then rank 0's (``agree_run_dir``).
-    """
-    if env_ranks()[0] == 0:
-        return []
-    return ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.job_logging.root.level=WARNING"]
-
-
-def agree_run_dir(ctx: DistContext, own_dir: str) -> str:
-    """Rank 0's run directory on every rank.
-
-    The default ``hydra.run.dir`` holds ``${now:...}``, which each rank resolves at its own
-    start, possibly a second apart; rank 0's wins. A rank whose own (empty) directory
-    differs removes it again. An explicit ``hydra.run.dir`` is the same on every rank anyway.
-    """
-    run_dir = ctx.broadcast(str(own_dir))
-    if run_dir != str(own_dir):
-        with contextlib.suppress(OSError):
-            os.rmdir(own_dir)  # only ever removes an empty directory
-    return run_dir
