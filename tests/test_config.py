@@ -160,3 +160,15 @@ def test_existing_run_dir_is_not_overwritten(tmp_path):
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         train(cfg, run_dir=tmp_path)
     assert (tmp_path / "checkpoints" / "step_000002.pt").read_bytes() == before
+
+
+def test_model_config_is_gptconfig_with_cpu_defaults():
+    """One declaration of the model's fields: the Hydra schema extends nanoGPT's GPTConfig."""
+    from dataclasses import fields
+
+    from induction_dynamics.config import ModelConfig
+    from induction_dynamics.model import GPTConfig
+
+    assert issubclass(ModelConfig, GPTConfig)
+    assert [f.name for f in fields(ModelConfig)] == [f.name for f in fields(GPTConfig)]
+    assert set(compose_cfg([]).model) == {f.name for f in fields(GPTConfig)}

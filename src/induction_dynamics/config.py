@@ -21,6 +21,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from induction_dynamics.gpt_config import GPTConfig
 from induction_dynamics.options import CheckpointSchedule, DataName, RepeatKind, Tokenizer, WandbMode
 
 
@@ -29,16 +30,16 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class ModelConfig:
-    """GPTConfig fields (vocab_size comes from the data)."""
+class ModelConfig(GPTConfig):
+    """``model.GPTConfig``'s fields, with this project's CPU-sized defaults (the fields are
+    declared once, there). vocab_size None: the data's; larger pads the embedding (nanoGPT
+    rounds GPT-2's 50257 up to 50304)."""
+    block_size: int = 64
+    vocab_size: Optional[int] = None
     n_layer: int = 2
     n_head: int = 4
     n_embd: int = 64
-    block_size: int = 64
-    dropout: float = 0.0
     bias: bool = False  # nanoGPT train.py's default: a bit better and faster
-    attn_only: bool = False  # blocks without MLP: Olsson et al.'s attention-only models
-    vocab_size: Optional[int] = None  # None: the data's; larger pads the embedding (nanoGPT's 50304 for GPT-2)
 
 
 @dataclass

@@ -31,11 +31,12 @@ unembedding reads).
 
 import inspect
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from induction_dynamics.gpt_config import GPTConfig  # noqa: F401 (nanoGPT's name, imported from here)
 
 
 class HookPoint(nn.Identity):
@@ -159,18 +160,6 @@ class Block(nn.Module):
             x = self.hook_resid_mid(x)
             x = x + self.hook_mlp_out(self.mlp(self.ln_2(x)))
         return self.hook_resid_post(x)
-
-
-@dataclass
-class GPTConfig:
-    block_size: int = 1024
-    vocab_size: int = 50304  # GPT-2 vocab_size of 50257, padded up to nearest multiple of 64 for efficiency
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
-    bias: bool = True  # True: bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
-    attn_only: bool = False  # True: blocks without MLP (Olsson et al.'s attention-only models)
 
 
 class GPT(nn.Module):
