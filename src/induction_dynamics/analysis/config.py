@@ -65,6 +65,7 @@ class PhaseConfig:
 class PlotsConfig:
     formats: list[str] = field(default_factory=lambda: ["png", "pdf"])
     dpi: int = 120
+    attention_html: list[int] = field(default_factory=list)  # steps viewed with CircuitsVis (HTML)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
+from induction_dynamics.analysis import attention
 from induction_dynamics.analysis import runs as R
 from induction_dynamics.analysis.phase import (detect_phase_change, format_summary, loss_bump,
                                                summarize_across_seeds)
@@ -41,6 +42,7 @@ class RunResult:
     errors: list = field(default_factory=list)
     phase: pd.DataFrame = field(default_factory=pd.DataFrame)
     plots: list = field(default_factory=list)
+    attention_panels: list = field(default_factory=list)  # [(W&B key, PNG, step)] of the attention figure
 
 
 def phase_table(table: pd.DataFrame, label: str, seed: int, shape: str, phase_cfg) -> pd.DataFrame:
@@ -80,8 +82,24 @@ def _write_run_outputs(r: RunResult, cfg, draw: bool = True) -> None:
         r.plots, skipped = make_plots({r.label: r.table}, {r.label: r.tokens} if len(r.tokens) else {},
                                       r.phase, r.run_dir / "plots", formats=list(cfg.plots.formats),
                                       dpi=cfg.plots.dpi, loss_metric=cfg.phase.loss_metric)
+        _attention_views(r, cfg)
         for note in skipped:
             log.info("%s: plot skipped: %s", r.label, note)
+
+
+def _attention_views(r: RunResult, cfg) -> None:
+    """The attention-over-training figure (and its panels for W&B), CircuitsVis views of plots.attention_html."""
+    hist = attention.load_history(r.run_dir)
+    paths, r.attention_panels, note = attention.plot_attention_over_training(
+        r.table, r.phase, hist, r.run_dir / "plots", list(cfg.plots.formats), cfg.plots.dpi)
+    r.plots += paths
+    if note:
+        log.info("%s: plot skipped: %s", r.label, note)
+    for step in cfg.plots.attention_html:
+        try:
+            attention.run_attention_html(r.run_dir, step)
+        except R.AnalysisError as e:
+            log.warning("%s: no interactive attention view: %s", r.label, e)
 
 
 def _write_sweep_outputs(root: Path, results: list[RunResult], cfg) -> pd.DataFrame:
@@ -229,6 +247,7 @@ def analyze(cfg) -> dict:
             if label in results and not any(s["run"] == label for s in statuses):
                 continue  # nothing new for this run this round
             table, tokens = sweep.collect_run(ctx.run_dir, label, ctx.seed)
+            attention.save_history(ctx.run_dir)
             done = set(table["step"].tolist())
             # a checkpoint that failed to load once and has rows now was retried and read fine
             ctx.errors[:] = [e for e in ctx.errors if e.get("kind") == "metric" or e["step"] not in done]
@@ -251,6 +270,7 @@ def analyze(cfg) -> dict:
         if cfg.watch:
             _write_run_outputs(r, cfg)  # plots drawn once, at the end of the watch
         if r.label in loggers:
+            loggers[r.label].log_images(r.attention_panels)
             loggers[r.label].finish(r.table, r.phase, r.plots, r.info.get("probes", {}))
     summary = _write_sweep_outputs(root, ordered, cfg) if is_sweep else pd.DataFrame()
     n_ckpt = sum(r.table["step"].nunique() for r in ordered if not r.table.empty)

@@ -6,10 +6,12 @@ folder. Per run the analysis writes::
 
     <run>/analysis/cache/step_000500.parquet   tidy rows of one checkpoint (the cache)
     <run>/analysis/cache/step_000500.tokens.npy per-token losses of that checkpoint
+    <run>/analysis/cache/step_000500.attention.npz every head's pattern on the fixed [x, x]
     <run>/analysis/cache/step_000500.key.json  what that result was computed from (see sweep.py)
     <run>/analysis/cache/suite.json            settings and code the cache was computed with
     <run>/analysis/results.parquet (+ .csv)    every checkpoint's rows (table.COLUMNS)
     <run>/analysis/token_losses.parquet        per-token losses, one row per checkpoint
+    <run>/analysis/attention_patterns.npz      those patterns, every checkpoint (attention.py)
     <run>/analysis/phase_change.csv            detected phase changes (one row per metric)
     <run>/analysis/run_info.json               seed, model shape, probe sizes, W&B names
     <run>/analysis/errors.json                 unreadable checkpoints and failed metrics (one line each)
@@ -89,3 +91,7 @@ def token_cache_path(run_dir: Path, step: int) -> Path:
 
 def key_path(run_dir: Path, step: int) -> Path:
     return cache_dir(run_dir) / f"step_{step:06d}.key.json"
+
+
+def attention_cache_path(run_dir: Path, step: int) -> Path:
+    return cache_dir(run_dir) / f"step_{step:06d}.attention.npz"

@@ -34,13 +34,16 @@ import torch
 from omegaconf import OmegaConf
 
 from induction_dynamics.analysis import runs as R
+from induction_dynamics.analysis.attention import write_checkpoint_patterns
 from induction_dynamics.analysis.suite import Probes, make_probes, run_suite, validate_metrics
 from induction_dynamics.analysis.table import COLUMNS, TOKEN_LOSS_PREFIX, make_frame
 from induction_dynamics.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from induction_dynamics.files import atomic_write, sha256_file
+from induction_dynamics.interpretability.attention_analysis import attention_patterns
+from induction_dynamics.vocab import Vocab
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: each checkpoint's attention patterns are cached too
 # the modules whose code decides a cached number: a change to any of them re-analyses
 METRIC_CODE = ("model.py", "data.py", "curriculum.py", "interpretability", "analysis/suite.py")
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "attn_only")
@@ -210,7 +213,8 @@ def checkpoint_key(path: Path, fingerprint: str) -> dict:
 
 
 def _drop_cached(run_dir: Path, step: int) -> None:
-    for p in (R.cache_path(run_dir, step), R.token_cache_path(run_dir, step), R.key_path(run_dir, step)):
+    for p in (R.cache_path(run_dir, step), R.token_cache_path(run_dir, step), R.key_path(run_dir, step),
+              R.attention_cache_path(run_dir, step)):
         p.unlink(missing_ok=True)
 
 
@@ -275,6 +279,7 @@ def analyse_checkpoint(run_dir: str, label: str, step: int, path: str, probes: P
         return {"run": label, "step": step, "path": str(path), "ok": False, "kind": "checkpoint",
                 "error": f"{type(e).__name__}: {_one_line(e)}" if not isinstance(e, CheckpointError) else _one_line(e)}
     df, tokens = checkpoint_rows(model, ckpt, step, probes.to(device), metrics, errors=metric_errors)
+    _save_attention(model, ckpt, probes, R.attention_cache_path(run_dir, step), device, metric_errors)
     metric_errors = [{"run": label, "step": step, "path": str(path), "kind": "metric", **e} for e in metric_errors]
     if tokens is not None:
         atomic_write(R.token_cache_path(run_dir, step), lambda f: np.save(f, tokens.astype(np.float32)))
@@ -283,6 +288,17 @@ def analyse_checkpoint(run_dir: str, label: str, step: int, path: str, probes: P
     atomic_write(R.cache_path(run_dir, step), lambda f: df.to_parquet(f, index=False))
     return {"run": label, "step": step, "path": str(path), "ok": True, "n_rows": len(df),
             "metric_errors": metric_errors, "seconds": time.perf_counter() - t0}
+
+
+def _save_attention(model, ckpt: dict, probes: Probes, path: Path, device, errors: list[dict]) -> None:
+    """Every head's pattern on the fixed [x, x] (the attention figure's input), or a metric error."""
+    seq = probes.induction[0]  # (T,)
+    try:
+        patterns = attention_patterns(model, seq.to(device))[:, 0].float().cpu().numpy()  # (L, H, T, T)
+        labels = Vocab.from_checkpoint(ckpt).labels(seq) if ckpt.get("vocab") else [str(t) for t in seq.tolist()]
+        write_checkpoint_patterns(path, patterns, seq.tolist(), labels)
+    except Exception as e:
+        errors.append({"metric": "attention_patterns", "error": f"{type(e).__name__}: {_one_line(e)}"})
 
 
 def analyse_pending(contexts: list[RunContext], n_jobs: int = 1, device: str = "cpu",

@@ -19,6 +19,7 @@ curves sit on the same x-axis as ``train/loss`` in the group's workspace. Keys:
                                            induction head (table.induction_circuit; summary
                                            analysis/circuit/induction_head, .../previous_token_head)
     analysis/plots/<plot>                  the run's plots as images (heatmaps etc.)
+    analysis/attention/<head role>         attention-pattern panels at their checkpoints' iterations
     analysis/checkpoints                   wandb.Table, one row per checkpoint
     summary analysis/phase/<curve>/...     detected, mid_step, start_step, end_step, loss_bump
 
@@ -77,6 +78,11 @@ class AnalysisLogger:
             record["analysis/tokens_seen"] = record.pop("tokens_seen")
             n += self.logger.log(record, step=step, stream="curves")
         return n
+
+    def log_images(self, images: list[tuple[str, Path, int]]) -> None:
+        """Images logged at training iterations: ``[(key, png path, step), ...]``."""
+        for key, path, step in images if self.active else []:
+            self.logger.log_image(key, path, step=int(step))
 
     def finish(self, table: pd.DataFrame, phase: pd.DataFrame, plot_paths: list[Path], probes: dict) -> None:
         """Phase markers and summary, plot images, the per-checkpoint table; then close the run."""
