@@ -21,11 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import pandas as pd
 import torch
+
+from analysis_speed import best_of  # noqa: E402  (benchmarks/ is the script's folder)
 
 from induction_dynamics.analysis import analyze_checkpoint
 from induction_dynamics.analysis import attention as A
@@ -42,16 +43,6 @@ from induction_dynamics.vocab import Vocab
 SHAPE = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, dropout=0.0, bias=False, attn_only=False)
 DATA = {"name": "shakespeare", "val_frac": 0.1, "repeat_frac": 1.0, "repeat_kind": "random",
         "repeat_min": 10, "repeat_max": 26}
-
-
-def best_of(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def write_run(run_dir: Path, n_ckpt: int, every: int = 100) -> list[int]:
@@ -116,7 +107,7 @@ def main() -> None:
         path = history_path(run_dir, steps[-1])
         one = best_of(lambda: analyze_checkpoint(path), a.repeats)
         worker = best_of(lambda: sweep.analyse_checkpoint(str(run_dir), "run", steps[-1], str(path), probes,
-                                                          list(cfg.suite.metrics), probes_args(ckpt)), a.repeats)
+                                                          list(cfg.suite.metrics), probes_args(ckpt), "bench"), a.repeats)
         out["4_analyze_checkpoint_s"] = one
         out["4_sweep_worker_s"] = worker
         out["4_ratio"] = one / worker
