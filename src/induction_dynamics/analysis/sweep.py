@@ -295,7 +295,10 @@ def _save_attention(model, ckpt: dict, probes: Probes, path: Path, device, error
     seq = probes.induction[0]  # (T,)
     try:
         patterns = attention_patterns(model, seq.to(device))[:, 0].float().cpu().numpy()  # (L, H, T, T)
-        labels = Vocab.from_checkpoint(ckpt).labels(seq) if ckpt.get("vocab") else [str(t) for t in seq.tolist()]
+        try:
+            labels = Vocab.from_checkpoint(ckpt).labels(seq)
+        except CheckpointError:  # no tokenizer saved: the token ids themselves
+            labels = [str(t) for t in seq.tolist()]
         write_checkpoint_patterns(path, patterns, seq.tolist(), labels)
     except Exception as e:
         errors.append({"metric": "attention_patterns", "error": f"{type(e).__name__}: {_one_line(e)}"})
