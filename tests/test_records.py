@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
-import sys
-import time
 
 import pandas as pd
 import pytest
@@ -19,13 +16,13 @@ from induction_dynamics.analysis import runs as R
 from induction_dynamics.analysis import suite as suite_mod
 from induction_dynamics.analysis import sweep
 from induction_dynamics.analysis.pipeline import analyze
-from induction_dynamics.checkpoint import CheckpointError, history_path, load_checkpoint, resume_path
+from induction_dynamics.checkpoint import CheckpointError, history_path, load_checkpoint
 from induction_dynamics.files import sha256_file
 from induction_dynamics.run_files import list_checkpoints, read_manifest
 from induction_dynamics.trainer import train
 from test_analysis_helpers import make_run, run_entry
 from test_analysis_sweep import FAST, cfg_for
-from train_helpers import ROOT, TINY, cli_env, compose_cfg
+from train_helpers import TINY, compose_cfg, run_train, train_then_kill
 
 
 def leet(path) -> list[dict]:
@@ -56,31 +53,11 @@ def iters(history, key) -> list[int]:
 def test_kill_9_then_resume_continues_the_same_wandb_run(tmp_path):
     run_dir = tmp_path / "run"
     args = [a for a in TINY if not a.startswith("wandb.mode")] + [
-        "wandb.mode=offline", "train.max_iters=120", "train.eval_every=10", "checkpoint.every=20",
-        f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if load_checkpoint(resume_path(run_dir))["iter_num"] >= 30:
-                    break
-            except Exception:  # not written yet
-                pass
-            time.sleep(0.02)
-        time.sleep(0.03)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    killed_at = load_checkpoint(resume_path(run_dir))["iter_num"]
+        "wandb.mode=offline", "train.max_iters=120", "train.eval_every=10", "checkpoint.every=20"]
+    killed_at = train_then_kill(args, run_dir, after_iter=30, pause=0.03)
     assert killed_at < 120
 
-    resumed = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "train.resume=true"], cwd=ROOT,
-                             env=cli_env(), capture_output=True, text=True, timeout=300)
+    resumed = run_train(args + ["train.resume=true", f"hydra.run.dir={run_dir}"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2  # the killed segment and the resumed one
     runs = wandb_runs(run_dir, "train")

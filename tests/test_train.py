@@ -2,14 +2,10 @@
 
 import logging
 import math
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from train_helpers import ROOT, TINY, cli_env, compose_cfg, run_train, wandb_records
+from train_helpers import TINY, cli_env, compose_cfg, run_train, train_then_kill, wandb_records
 
 from induction_dynamics.checkpoint import (history_path, history_steps, list_checkpoints, load_checkpoint,
                                            resume_path)
@@ -147,25 +143,7 @@ def test_resume_after_kill_9_gives_bitwise_equal_weights(tmp_path):
     assert ref.returncode == 0, ref.stderr[-2000:]
 
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={run_dir}"],
-                            cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:  # wait until training is under way
-            try:
-                if load_checkpoint(resume_path(run_dir))["iter_num"] >= 20:
-                    break
-            except Exception:  # not written yet
-                pass
-            time.sleep(0.02)
-        time.sleep(0.05)  # land somewhere in the middle of an iteration, a save, or an eval
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    killed_at = load_checkpoint(resume_path(run_dir))["iter_num"]
+    killed_at = train_then_kill(args, run_dir, after_iter=20)
     assert 20 <= killed_at < 150
 
     resumed = run_train(args + ["train.resume=true", f"hydra.run.dir={run_dir}"])

@@ -48,3 +48,33 @@ def wandb_records(run_dir: Path) -> tuple[list[dict], list[dict]]:
                          capture_output=True, text=True, check=True).stdout
     recs = [json.loads(line) for line in out.splitlines() if line.strip()]
     return recs, [r["history"]["item"] for r in recs if r["type"] == "history"]
+
+
+def train_then_kill(args, run_dir: Path, after_iter: int, pause: float = 0.05) -> int:
+    """Start train.py, SIGKILL it once resume.pt holds ``after_iter`` or more (``pause`` later, to
+    land somewhere in an iteration, a save or an eval); returns the iteration resume.pt holds."""
+    import signal
+    import time
+
+    from induction_dynamics.checkpoint import load_checkpoint, resume_path
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={run_dir}"],
+                            cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:  # wait until training is under way
+            try:
+                if load_checkpoint(resume_path(run_dir))["iter_num"] >= after_iter:
+                    break
+            except Exception:  # not written yet
+                pass
+            time.sleep(0.02)
+        time.sleep(pause)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    return load_checkpoint(resume_path(run_dir))["iter_num"]
+
