@@ -1,4 +1,4 @@
-"""Wall time of the analysis sweep vs number of checkpoints and n_jobs (acceptance 5).
+"""Wall time of the analysis sweep vs number of checkpoints and n_jobs.
 
     OMP_NUM_THREADS=1 python benchmarks/sweep_scaling.py            # 4, 8, 16 checkpoints; n_jobs 1, 2
     python benchmarks/sweep_scaling.py --counts 4 8 16 32 --jobs 1 2 --full

@@ -1,4 +1,4 @@
-"""Acceptance 1 (slow): train a tiny model with train.py (2 seeds), analyse the sweep, check everything."""
+"""Slow end to end: train a tiny model with train.py (2 seeds), analyse the sweep, check everything."""
 
 import os
 import shutil

@@ -1,4 +1,4 @@
-"""Acceptance 4: the phase-change detector finds known onsets and says "none" on flat curves."""
+"""The phase-change detector finds known onsets and says "none" on flat curves."""
 
 import math
 

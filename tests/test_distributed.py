@@ -1,4 +1,4 @@
-"""Data-parallel training with torchrun on CPU (gloo), issue 6 acceptance 1-3.
+"""Data-parallel training with torchrun on CPU (gloo).
 
 Every torchrun process gets one thread (OMP_NUM_THREADS=1). The launcher is started as
 ``python -m torch.distributed.run`` (what the ``torchrun`` script runs) in its own session.
@@ -77,7 +77,7 @@ def test_torchrun_batch_not_divisible_by_world_size(tmp_path):
     assert not list(tmp_path.rglob("*.pt"))  # nothing written
 
 
-# ------------------------------------------------------------------ acceptance 1 (fast)
+# ------------------------------------------------------------------ fast
 
 def test_torchrun_two_processes_write_one_run_dir(tmp_path):
     """Default hydra.run.dir (outputs/<date>/<time>, resolved by each rank): still one run dir."""
@@ -108,7 +108,7 @@ def test_torchrun_two_processes_write_one_run_dir(tmp_path):
     assert [h["iter"] for h in history if "probe/induction_score_max" in h] == [0, 10, 20]
 
 
-# ------------------------------------------------------------------ acceptance 2 and 3 (slow)
+# ------------------------------------------------------------------ slow
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):

@@ -1,4 +1,4 @@
-"""Logit lens: the last layer is the model's own output (acceptance 3), layer bookkeeping,
+"""Logit lens: the last layer is the model's own output, layer bookkeeping,
 convergence on the hand-built circuit, and the plot."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""Head scores on a hand-built induction circuit (acceptance 1), the score definitions on
+"""Head scores on a hand-built induction circuit, the score definitions on
 ideal attention patterns, and parity of the copying scores with brute-force versions."""
 
 import pytest

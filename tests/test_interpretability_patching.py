@@ -1,4 +1,4 @@
-"""Activation patching: sanity values for every variant (acceptance 2), batched == one
+"""Activation patching: sanity values for every variant, batched == one
 forward per component, the hand-built circuit's heads, and attribution patching against
 exact patching on a trained model."""
 

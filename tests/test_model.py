@@ -147,7 +147,7 @@ def test_attn_only_has_no_mlp():
 
 
 def test_nanogpt_init_scales():
-    """nanoGPT's init (SCIENCE_NOTES: induction heads depend on it): N(0, 0.02), c_proj 0.02/sqrt(2L)."""
+    """nanoGPT's init (induction heads depend on it: PyTorch's default init formed none in 8,000 iterations): N(0, 0.02), c_proj 0.02/sqrt(2L)."""
     cfg = GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128)
     torch.manual_seed(0)
     model = GPT(cfg)

@@ -1,4 +1,4 @@
-"""Multi-seed sweeps (issue 2, acceptance 4; issue 6, acceptance 4): `python train.py -m seed=...`
+"""Multi-seed sweeps: `python train.py -m seed=...`
 with the basic, joblib and submitit_local launchers; SLURM launcher configs compose; every
 parallel worker gets cores // jobs torch threads."""
 

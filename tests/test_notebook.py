@@ -1,4 +1,4 @@
-"""Acceptance 5: the research notebook's API snippet runs verbatim on a small trained
+"""The research notebook's API snippet runs verbatim on a small trained
 nanoGPT-format checkpoint, and the ported notebook executes top to bottom (slow)."""
 
 import os

@@ -1,4 +1,4 @@
-"""The phase change, reproduced (issue 5): ``train.py experiment=quickstart`` on Shakespeare.
+"""The phase change, reproduced: ``train.py experiment=quickstart`` on Shakespeare.
 
 Trains the README's quickstart (seed 0) and its one-layer control for real, through
 ``train.py``, side by side on one thread each, then reads every history checkpoint back

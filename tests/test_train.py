@@ -22,7 +22,7 @@ def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-# ------------------------------------------------------------------ acceptance 1: python train.py
+# ------------------------------------------------------------------ python train.py
 
 @pytest.fixture(scope="module")
 def data_cache(tmp_path_factory):
