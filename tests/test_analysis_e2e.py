@@ -55,8 +55,8 @@ def test_train_then_analyse_the_sweep(trained_sweep):
 
     table = pd.read_parquet(sweep / "analysis" / "results.parquet")
     assert table["run"].nunique() == 2 and set(table["seed"]) == {0, 1}
-    # attention-only model: no MLP to patch; one layer: no head pairs to compose
-    expected = {m for m, (level, _) in METRICS.items() if level != "pair"} - {"patch_mlp_out"}
+    # attention-only model: no MLP to patch; one layer: no head pairs to compose; llc is opt-in
+    expected = {m for m, (level, _) in METRICS.items() if level != "pair"} - {"patch_mlp_out", "llc", "llc_std"}
     for (run, step), g in table.groupby(["run", "step"]):
         assert set(g["metric"]) == expected, (run, step)
         for metric in expected:

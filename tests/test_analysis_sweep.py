@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import induction_dynamics.analysis.config  # noqa: F401  (registers the schema)
-from induction_dynamics.analysis.config import SUITE_METRICS, AnalyzeConfig
+from induction_dynamics.analysis.config import DEFAULT_METRICS, SUITE_METRICS, AnalyzeConfig
 from induction_dynamics.analysis.pipeline import analyze
 from induction_dynamics.analysis.runs import AnalysisError
 from induction_dynamics.analysis.table import COLUMNS, METRICS
@@ -47,7 +47,9 @@ def analysed(sweep_src, tmp_path_factory):
 def test_config_yaml_matches_schema():
     cfg = cfg_for("x")
     schema = AnalyzeConfig()
-    assert cfg.suite.metrics == list(SUITE_METRICS) == schema.suite.metrics
+    assert cfg.suite.metrics == DEFAULT_METRICS == schema.suite.metrics == [m for m in SUITE_METRICS if m != "llc"]
+    assert cfg.suite.llc == schema.suite.llc  # the llc's SGLD settings, also typed
+    assert cfg_for("x", "analysis/suite=llc").suite.metrics == DEFAULT_METRICS + ["llc"]
     for key in ("n_jobs", "seed", "watch_poll_s", "csv", "device", "threads"):
         assert cfg[key] == getattr(schema, key)
     for name, opts in schema.phase.metrics.items():
@@ -65,7 +67,7 @@ def test_table_has_every_metric_checkpoint_and_head(analysed):
     table = pd.read_parquet(root / "analysis" / "results.parquet")
     assert list(table.columns) == COLUMNS
     assert set(table["run"]) == {"seed0", "seed1"} and set(table["seed"]) == {0, 1}
-    produced = {m for ms in SUITE_METRICS.values() for m in ms} | {"val_loss"}
+    produced = {m for k in DEFAULT_METRICS for m in SUITE_METRICS[k]} | {"val_loss"}
     pairs = {m for m, (level, _) in METRICS.items() if level == "pair"}  # one layer: no head pairs
     assert set(table["metric"]) == produced - pairs and produced <= set(METRICS)
     n_layer, n_head = 1, 2
@@ -73,6 +75,8 @@ def test_table_has_every_metric_checkpoint_and_head(analysed):
         ckpt = load_checkpoint(history_path(root / run, step))
         assert (g["tokens_seen"] == ckpt["tokens_seen"]).all()
         for metric, (level, _) in METRICS.items():
+            if metric not in produced:
+                continue  # an opt-in metric (llc)
             cells = set(zip(g.loc[g.metric == metric, "layer"], g.loc[g.metric == metric, "head"]))
             if metric.startswith("logit_lens_") and level == "layer":
                 assert cells == {(l, -1) for l in range(n_layer + 1)}, metric  # embeddings + each block

@@ -29,18 +29,37 @@ SUITE_METRICS = {
     "attribution_patching": ["attribution_patch_head"],
     "logit_lens": ["logit_lens_prob", "logit_lens_rank", "logit_lens_convergence_layer"],
     "composition": ["q_composition", "k_composition", "v_composition", "composition_baseline"],
+    "llc": ["llc", "llc_std"],
 }
+# metrics left out of the default suite: llc costs ~8 s per quickstart checkpoint on 2 CPU cores
+OPT_IN_METRICS = ("llc",)
+DEFAULT_METRICS = [m for m in SUITE_METRICS if m not in OPT_IN_METRICS]
+
+
+@dataclass
+class LLCConfig:
+    """SGLD settings of the local learning coefficient (interpretability.llc.estimate_llc)."""
+
+    lr: float = 3.0e-4                # SGLD step size epsilon
+    localization: float = 300.0       # gamma: pull towards the checkpoint's weights
+    n_beta: Optional[float] = None    # inverse temperature; null: batch_size / ln(batch_size)
+    num_chains: int = 4
+    num_draws: int = 75               # SGLD steps per chain (after the burn-in; all are averaged)
+    num_burnin_steps: int = 0
+    batch_size: int = 16              # windows per SGLD step
+    windows: int = 256                # validation windows with the run's repeat curriculum
 
 
 @dataclass
 class SuiteConfig:
-    metrics: list[str] = field(default_factory=lambda: list(SUITE_METRICS))
+    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
     batch_size: int = 8               # sequences per random-token probe
     induction_seq_len: Optional[int] = None  # null: min(32, block_size // 2, allowed tokens)
     prefix_seq_len: Optional[int] = None     # null: min(25, block_size // 4, allowed tokens)
     text_windows: int = 16            # fixed validation windows of real text (block_size tokens)
     icl_positions: Optional[list[int]] = None  # [early, late]; null: metrics.icl_positions(block_size)
     patching_batch: int = 8
+    llc: LLCConfig = field(default_factory=LLCConfig)  # used when "llc" is in metrics
 
 
 @dataclass

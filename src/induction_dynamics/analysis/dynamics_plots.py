@@ -5,6 +5,10 @@
                     with the random-matrix baseline; below, that pair's induction and
                     previous-token scores. Phase window shaded (Elhage et al. 2021).
 
+8. ``llc``          local learning coefficient (mean ± sd across SGLD chains) vs step, above
+                    the max induction score; phase window shaded (Hoogland et al. 2024:
+                    the induction stage ends where the LLC curve bends). Opt-in metric.
+
 Same conventions and helpers as ``plots`` (which calls these from ``make_plots``): ``runs``
 is ``{run label: tidy DataFrame}`` of one model shape, one line per run, files
 ``<out_dir>/<name>.<fmt>``.
@@ -18,12 +22,25 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from induction_dynamics.analysis.plots import _save, _seed_of, _shade, _windows
-from induction_dynamics.analysis.table import circuit_composition, induction_circuit, model_metric
+from induction_dynamics.analysis.table import circuit_composition, curve, induction_circuit, model_metric
 
 
 def _head_curve(df: pd.DataFrame, metric: str, layer: int, head: int) -> pd.Series:
     d = df[(df["metric"] == metric) & (df["layer"] == layer) & (df["head"] == head)]
     return d.groupby("step")["value"].mean().sort_index()
+
+
+def _finish(ax, ax_scores, phase, ylabel: str, score_label: str, title: str) -> None:
+    """Shade the induction phase window on both panels; labels, legends, a 0-1 score axis."""
+    w = _windows(phase, "induction_score_max")
+    for a in (ax, ax_scores):
+        _shade(a, w)
+        a.legend(fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax_scores.set_ylabel(score_label)
+    ax_scores.set_ylim(0, 1)
+    ax_scores.set_xlabel("training step")
 
 
 def plot_composition(runs: dict, phase, out_dir: Path, formats, dpi) -> list[Path]:
@@ -50,14 +67,22 @@ def plot_composition(runs: dict, phase, out_dir: Path, formats, dpi) -> list[Pat
             baselines.append(float(b.mean()))
     if baselines:
         ax.axhline(sum(baselines) / len(baselines), color="grey", lw=1, ls="-.", label="random matrices")
-    w = _windows(phase, "induction_score_max")
-    for a in (ax, ax_scores):
-        _shade(a, w)
-    ax.set_ylabel("composition score")
-    ax.set_title("Previous-token head → induction head (pair of the last checkpoint)")
-    ax.legend(fontsize=7)
-    ax_scores.set_ylabel("head score")
-    ax_scores.set_ylim(0, 1)
-    ax_scores.set_xlabel("training step")
-    ax_scores.legend(fontsize=7)
+    _finish(ax, ax_scores, phase, "composition score", "head score",
+            "Previous-token head → induction head (pair of the last checkpoint)")
     return _save(fig, out_dir, "composition", formats, dpi)
+
+
+def plot_llc(runs: dict, phase, out_dir: Path, formats, dpi) -> list[Path]:
+    fig = Figure(figsize=(6.4, 5.5), layout="constrained")
+    ax, ax_ind = fig.subplots(2, 1, sharex=True)
+    for label, df in runs.items():
+        name = _seed_of(df, label)
+        llc, sd = model_metric(df, "llc"), model_metric(df, "llc_std").reindex(model_metric(df, "llc").index)
+        line, = ax.plot(llc.index, llc.to_numpy(), marker="o", ms=3, lw=1.5, label=name)
+        ax.fill_between(llc.index, (llc - sd).to_numpy(), (llc + sd).to_numpy(), color=line.get_color(),
+                        alpha=0.2, lw=0)
+        ind = curve(df, "induction_score_max")
+        ax_ind.plot(ind.index, ind.to_numpy(), color=line.get_color(), lw=1.5, label=name)
+    _finish(ax, ax_ind, phase, "LLC (± sd across chains)", "max induction score",
+            "Local learning coefficient around the phase change")
+    return _save(fig, out_dir, "llc", formats, dpi)

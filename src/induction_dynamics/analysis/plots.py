@@ -15,6 +15,8 @@ the same model shape (one run for a run's own plots, all seeds for a sweep's), a
                           components, a trajectory per run coloured by step (Olsson et al.)
 7. ``composition``        K-composition of the previous-token head into the induction head
                           vs step (``dynamics_plots``; models with two layers or more)
+8. ``llc``                local learning coefficient next to the max induction score
+                          (``dynamics_plots``; only when the opt-in ``llc`` metric ran)
 """
 
 from __future__ import annotations
@@ -288,6 +290,9 @@ def make_plots(runs: dict[str, pd.DataFrame], tokens: dict[str, pd.DataFrame], p
             paths += plot_composition(runs, phase, out_dir, formats, dpi)
         else:
             skipped.append("composition: no head pair (a one-layer model)")
+    if "llc" in present:  # opt-in metric: no note when it was not asked for
+        from induction_dynamics.analysis.dynamics_plots import plot_llc
+        paths += plot_llc(runs, phase, out_dir, formats, dpi)
     if not any(r in tokens and len(tokens[r]) for r in runs):
         skipped.append("token_loss_pca: no per-token losses (token_loss not in suite.metrics)")
     else:

@@ -17,6 +17,10 @@ same data and shape see identical probes (comparable across seeds of a sweep):
   plain text when the run had none): the ICL score on the *training distribution*, which
   is where Olsson et al. measure it (held-out data like the training data).
 - ``patching``: ``induction_patching_data`` pairs (clean / one token corrupted).
+- ``llc`` (only when the ``llc`` metric is on): ``suite.llc.windows`` more validation windows
+  with the run's repeat curriculum, the SGLD data of the local learning coefficient; its
+  settings (``suite.llc``, n_beta resolved) are in ``info()``, hence in run_info.json, the
+  W&B config and the cache fingerprint.
 
 Metric ids (config ``suite.metrics``) and the table metrics they give: ``config.SUITE_METRICS``;
 what each one means: ``table.METRICS``.
@@ -34,11 +38,12 @@ from induction_dynamics.data import BatchSampler, curriculum_args, windows
 from induction_dynamics.analysis.table import pair_metric
 from induction_dynamics.interpretability import activation_patching as ap
 from induction_dynamics.interpretability import composition as comp
+from induction_dynamics.interpretability.llc import default_n_beta, estimate_llc
 from induction_dynamics.interpretability import logit_lens as ll
 from induction_dynamics.interpretability import metrics as M
 
 # separate generator seeds per probe kind: adding a metric never changes another's probe
-_PROBE_OFFSETS = {"induction": 0, "prefix": 1, "text": 2, "patching": 3, "text_repeats": 4}
+_PROBE_OFFSETS = {"induction": 0, "prefix": 1, "text": 2, "patching": 3, "text_repeats": 4, "llc": 5}
 
 
 @dataclass
@@ -56,6 +61,8 @@ class Probes:
     patching: ap.PatchingData      # clean/corrupted (P, 2L-1), answers (P,)
     text_repeats: torch.Tensor     # (W, block_size) validation windows with the training curriculum
     repeats: dict                  # the curriculum written into text_repeats (frac 0: none)
+    llc_windows: torch.Tensor | None = None  # (N, block_size) SGLD data, as text_repeats; None: no llc
+    llc: dict | None = None        # estimate_llc's keyword arguments (n_beta resolved, seed fixed)
 
     def info(self) -> dict:
         """JSON-able description for run_info.json and the W&B config."""
@@ -64,7 +71,8 @@ class Probes:
                 "text_windows": self.text.shape[0], "text_window_len": self.text.shape[1],
                 "icl_early": self.icl_early, "icl_late": self.icl_late,
                 "patching_batch": self.patching.clean.shape[0],
-                "patching_len": self.patching.clean.shape[1], "text_repeats": self.repeats}
+                "patching_len": self.patching.clean.shape[1], "text_repeats": self.repeats,
+                **({"llc": {**self.llc, "windows": self.llc_windows.shape[0]}} if self.llc else {})}
 
     def to(self, device) -> Probes:
         p = self.patching
@@ -72,7 +80,8 @@ class Probes:
                       self.prefix.to(device), self.prefix_seq_len, self.text.to(device), self.icl_early,
                       self.icl_late, ap.PatchingData(p.clean.to(device), p.corrupted.to(device),
                                                      p.answer.to(device), p.corrupted_answer.to(device)),
-                      self.text_repeats.to(device), self.repeats)
+                      self.text_repeats.to(device), self.repeats,
+                      None if self.llc_windows is None else self.llc_windows.to(device), self.llc)
 
 
 def validate_metrics(metrics) -> list[str]:
@@ -120,7 +129,17 @@ def make_probes(suite, *, vocab_size: int, block_size: int, token_counts, val_to
     patching = ap.induction_patching_data(allowed, Lp, suite.patching_batch, gen("patching"))
     repeats, text_repeats = _repeat_windows(data_config or {}, val_tokens, T, suite.text_windows, allowed, counts,
                                             int(seed) * 1000 + _PROBE_OFFSETS["text_repeats"])
-    return Probes(allowed, induction, L, prefix, P, text, int(early), int(late), patching, text_repeats, repeats)
+    llc_windows = llc = None
+    if "llc" in suite.metrics:  # SGLD data from the training distribution, like text_repeats
+        c = suite.llc
+        _, llc_windows = _repeat_windows(data_config or {}, val_tokens, T, c.windows, allowed, counts,
+                                         int(seed) * 1000 + _PROBE_OFFSETS["llc"])
+        llc = {"lr": c.lr, "localization": c.localization,
+               "n_beta": c.n_beta if c.n_beta is not None else default_n_beta(c.batch_size),
+               "num_chains": c.num_chains, "num_draws": c.num_draws, "num_burnin_steps": c.num_burnin_steps,
+               "batch_size": c.batch_size, "seed": int(seed)}
+    return Probes(allowed, induction, L, prefix, P, text, int(early), int(late), patching, text_repeats, repeats,
+                  llc_windows, llc)
 
 
 def _repeat_windows(data_config: dict, val_tokens: torch.Tensor, T: int, n: int, allowed: torch.Tensor,
@@ -185,6 +204,12 @@ def _composition_rows(model, p: Probes) -> list[tuple]:
     return rows + [("composition_baseline", -1, -1, comp.composition_baseline(c.n_embd, c.n_embd // c.n_head))]
 
 
+def _llc_rows(model, p: Probes) -> list[tuple]:
+    with torch.enable_grad():  # SGLD steps on gradients (on devinterp's copy of the model)
+        r = estimate_llc(model, p.llc_windows, **p.llc)
+    return [("llc", -1, -1, r.mean), ("llc_std", -1, -1, r.std)]
+
+
 # metric id -> rows of one model (every id of config.SUITE_METRICS; token_loss is run_suite's own)
 METRIC_ROWS = {
     "induction": lambda m, p: _head_rows("induction_score", M.induction_scores(m, p.induction, p.induction_seq_len)),
@@ -203,6 +228,7 @@ METRIC_ROWS = {
     "attribution_patching": _attribution_rows,
     "logit_lens": _logit_lens_rows,
     "composition": _composition_rows,
+    "llc": _llc_rows,
 }
 
 

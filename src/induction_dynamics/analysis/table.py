@@ -69,6 +69,8 @@ METRICS = {
     "k_composition": ("pair", "||W_OV^A W_QK^B^T||_F / (||W_OV^A|| ||W_QK^B||): A feeds B's keys (induction)"),
     "v_composition": ("pair", "||W_OV^A W_OV^B||_F / (||W_OV^A|| ||W_OV^B||): A feeds B's values"),
     "composition_baseline": ("model", "the composition score of random matrices of the same shapes"),
+    "llc": ("model", "local learning coefficient, mean over SGLD chains (Hoogland et al. 2024; run_info: settings)"),
+    "llc_std": ("model", "standard deviation of the llc across SGLD chains"),
 }
 
 
