@@ -134,6 +134,52 @@ def test_hook_pattern_path_equals_fused_path(cfg):
     assert torch.all(patterns.triu(1) == 0)  # causal
 
 
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["bias", "nobias", "attn_only"])
+def test_forward_from_a_layer_reproduces_the_forward(cfg):
+    """The rest of the forward from the stream entering any block (or ln_f) gives the same logits."""
+    model = random_model(cfg)
+    idx = torch.randint(cfg.vocab_size, (3, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        (logits, _), cache = HookManager(model).run_with_cache(idx, names_filter=lambda n: "resid" in n)
+        for l in range(cfg.n_layer + 1):
+            x = cache[f"transformer.h.{l}.hook_resid_pre" if l < cfg.n_layer else f"transformer.h.{l - 1}.hook_resid_post"]
+            torch.testing.assert_close(model.forward_from(l, x), logits, atol=1e-5, rtol=0)
+            torch.testing.assert_close(model.forward_from(l, x, last_only=True), logits[:, -1:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["bias", "nobias", "attn_only"])
+@pytest.mark.parametrize("explicit", [False, True], ids=["fused", "pattern hooked"])
+def test_past_kv_and_last_only_match_the_full_forward(cfg, explicit):
+    """A suffix forward attending to a shared prefix's keys and values (stacked copies of
+    its rows) sees what the full forward sees at those positions; last_only, at the last."""
+    model = random_model(cfg).double()
+    gen = torch.Generator().manual_seed(7)
+    prefix = torch.randint(cfg.vocab_size, (2, 5), generator=gen)  # shared by 3 copies of each row
+    suffix = torch.randint(cfg.vocab_size, (6, 7), generator=gen)
+    full = torch.cat([prefix.repeat(3, 1), suffix], dim=1)  # (6, 12)
+    names = ["hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_z", "hook_attn_out", "hook_resid_post"]
+    names += [] if cfg.attn_only else ["hook_mlp_out"]
+    names += ["attn.hook_pattern"] if explicit else []
+    hm = HookManager(model)
+    with torch.no_grad():
+        (logits, _), cache = hm.run_with_cache(full, names_filter=names)
+        _, pre = hm.run_with_cache(prefix, names_filter=["attn.hook_k", "attn.hook_v"])
+        past_kv = [(pre[f"transformer.h.{l}.attn.hook_k"], pre[f"transformer.h.{l}.attn.hook_v"])
+                   for l in range(cfg.n_layer)]
+        for last_only in (False, True):
+            (out, _), got = hm.run_with_cache(suffix, names_filter=names, past_kv=past_kv, last_only=last_only)
+            torch.testing.assert_close(out, logits[:, -1:] if last_only else logits[:, 5:], atol=1e-10, rtol=0)
+            for name, act in got.items():
+                want = cache[name]
+                pos_axis = 2 if name.endswith("hook_pattern") else 1
+                keep = 1 if last_only and name.startswith(f"transformer.h.{cfg.n_layer - 1}.") and not name.endswith(
+                    ("hook_resid_pre", "hook_k")) else 7  # the last block after its keys: the last query only
+                want = want.narrow(pos_axis, 12 - keep, keep)
+                torch.testing.assert_close(act, want, atol=1e-10, rtol=0, msg=name)
+    with pytest.raises(ValueError, match="exceeds the model's block size"):
+        model(torch.zeros(6, cfg.block_size - 4, dtype=torch.long), past_kv=past_kv)
+
+
 def test_attn_only_has_no_mlp():
     cfg = CONFIGS[2]
     model = GPT(cfg)

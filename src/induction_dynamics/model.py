@@ -91,30 +91,50 @@ class CausalSelfAttention(nn.Module):
         state_dict.pop(prefix + "bias", None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x):
+    def forward(self, x, past_kv=None, last_only=False):
+        """x (B, T, C) -> (B, T, C), or (B, 1, C) with ``last_only`` (the last query only).
+
+        past_kv: (k, v) of P positions before x's, each (b, P, nh, hs) as hook_k/hook_v saw
+        them, b dividing B: row r of x follows row r % b (a prefix shared by stacked copies).
+        """
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
         nh, hs = self.n_head, C // self.n_head
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = self.hook_q(q.view(B, T, nh, hs))  # (B, T, nh, hs)
+        if last_only:  # keys and values of every position, the query of the last
+            q = q[:, -1:]
+        Tq = q.size(1)
+        q = self.hook_q(q.view(B, Tq, nh, hs))  # (B, Tq, nh, hs)
         k = self.hook_k(k.view(B, T, nh, hs))
         v = self.hook_v(v.view(B, T, nh, hs))
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
+        if past_kv is not None:  # (B, P + T, nh, hs): row r's prefix is row r % b of past_kv's
+            b, P = past_kv[0].shape[:2]
+            k, v = (torch.cat([past.expand(B // b, *past.shape), t.view(B // b, b, T, nh, hs)], dim=2).view(B, P + T, nh, hs)
+                    for past, t in zip(past_kv, (k, v)))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, Tq or S, hs)
+        S = k.size(2)  # key positions; query i sits at position S - Tq + i
 
-        if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks():
-            # explicit attention, only when someone wants to see (or edit) the pattern
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, T)
-            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            att = self.hook_attn_scores(att.masked_fill(~mask, float("-inf")))
+        if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks() or Tq == 1:
+            # explicit attention, only when someone wants to see (or edit) the pattern, or for one
+            # query (one row of scores: cheaper than the fused kernel, whose result then varies with the thread count)
+            causal = torch.full((Tq, S), float("-inf"), dtype=q.dtype, device=x.device).triu(S - Tq + 1)
+            att = torch.baddbmm(causal, q.reshape(B * nh, Tq, hs), k.reshape(B * nh, S, hs).transpose(1, 2),
+                                alpha=1.0 / math.sqrt(hs)).view(B, nh, Tq, S)  # scores, -inf above the diagonal
+            att = self.hook_attn_scores(att)
             att = self.hook_pattern(F.softmax(att, dim=-1))
             att = self.attn_dropout(att)
-            y = att @ v  # (B, nh, T, T) x (B, nh, T, hs) -> (B, nh, T, hs)
+            y = att @ v  # (B, nh, Tq, S) x (B, nh, S, hs) -> (B, nh, Tq, hs)
         else:
             # efficient attention using Flash Attention CUDA kernels / fused CPU kernels
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=None, dropout_p=self.dropout if self.training else 0, is_causal=True
-            )
-        y = self.hook_z(y.transpose(1, 2))  # (B, T, nh, hs): per-head outputs before c_proj
-        y = y.contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+            mask = torch.ones(Tq, S, dtype=torch.bool, device=x.device).tril(S - Tq) if 1 < Tq < S else None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0,
+                                               is_causal=Tq == S and Tq > 1)
+        return self.project(y.transpose(1, 2))
+
+    def project(self, z):
+        """z (B, T, nh, hs), the heads' outputs -> (B, T, C), what attention adds to the residual stream."""
+        B, T, nh, hs = z.size()
+        y = self.hook_z(z)  # per-head outputs before c_proj
+        y = y.contiguous().view(B, T, nh * hs)  # re-assemble all head outputs side by side
         # output projection
         y = self.resid_dropout(self.c_proj(y))
         return y
@@ -153,9 +173,11 @@ class Block(nn.Module):
             self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
-    def forward(self, x):
+    def forward(self, x, past_kv=None, last_only=False, z=None):
         x = self.hook_resid_pre(x)
-        x = x + self.hook_attn_out(self.attn(self.ln_1(x)))
+        # z given: the heads' outputs are known, only what follows them runs
+        a = self.hook_attn_out(self.attn(self.ln_1(x), past_kv, last_only) if z is None else self.attn.project(z))
+        x = (x[:, -1:] if last_only else x) + a  # (B, T or 1, C)
         if not self.attn_only:
             x = self.hook_resid_mid(x)
             x = x + self.hook_mlp_out(self.mlp(self.ln_2(x)))
@@ -187,7 +209,7 @@ class GPT(nn.Module):
         # not 100% sure what this is, so far seems to be harmless. TODO investigate
         self.transformer.wte.weight = self.lm_head.weight  # https://paperswithcode.com/method/weight-tying
 
-        # init all weights (nanoGPT's scheme; SCIENCE_NOTES: induction heads depend on it)
+        # init all weights (nanoGPT's scheme: with PyTorch's default init no induction head formed in 8,000 iterations)
         self.apply(self._init_weights)
         # apply special scaled init to the residual projections, per GPT-2 paper
         for pn, p in self.named_parameters():
@@ -216,30 +238,51 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, past_kv=None, last_only=False):
         """idx (B, T) token ids -> (logits (B, T, vocab), loss or None).
 
         Unlike nanoGPT, logits are returned for every position even without targets:
         interpretability code needs them. ``targets`` of -1 are ignored in the loss.
+        ``past_kv`` and ``last_only``: see ``forward_from``; idx then holds the positions
+        after the P cached ones.
         """
         device = idx.device
         b, t = idx.size()
-        assert t <= self.config.block_size, f"Cannot forward sequence of length {t}, block size is only {self.config.block_size}"
-        pos = torch.arange(0, t, dtype=torch.long, device=device)  # shape (t)
+        P = 0 if past_kv is None else past_kv[0][0].size(1)
+        if P + t > self.config.block_size:
+            raise ValueError(f"sequence length {P + t} exceeds the model's block size {self.config.block_size}")
+        pos = torch.arange(P, P + t, dtype=torch.long, device=device)  # shape (t)
 
         # forward the GPT model itself
         tok_emb = self.transformer.hook_embed(self.transformer.wte(idx))  # token embeddings of shape (b, t, n_embd)
         pos_emb = self.transformer.hook_pos_embed(self.transformer.wpe(pos))  # position embeddings of shape (t, n_embd)
         x = self.transformer.drop(tok_emb + pos_emb)
-        for block in self.transformer.h:
-            x = block(x)
-        x = self.transformer.hook_ln_final(self.transformer.ln_f(x))
-        logits = self.lm_head(x)  # (b, t, vocab_size)
+        logits = self.forward_from(0, x, past_kv, last_only)  # (b, t or 1, vocab_size)
 
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
+
+    def forward_from(self, layer, x, past_kv=None, last_only=False, z=None):
+        """The rest of the forward from the residual stream x (B, T, C) entering block ``layer``.
+
+        past_kv: per layer, the keys and values (b, P, nh, hs) of P positions before x's
+        (what hook_k/hook_v saw on them; b divides B, see CausalSelfAttention), so x's
+        positions are P..P+T-1 and attend to those too. last_only: logits (B, 1, vocab) of
+        the last position only; the last block then runs its query and everything after
+        for that position alone (nothing else reaches those logits). z: block ``layer``'s
+        heads' outputs (B, T or 1, nh, hs) as hook_z sees them, when already known: that
+        block's attention then starts at hook_z.
+        """
+        blocks = self.transformer.h
+        for i in range(layer, len(blocks)):
+            x = blocks[i](x, None if past_kv is None else past_kv[i], last_only and i == len(blocks) - 1,
+                          z if i == layer else None)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C); already so when the last block ran
+        x = self.transformer.hook_ln_final(self.transformer.ln_f(x))
+        return self.lm_head(x)
 
     def hook_points(self) -> dict:
         """Every HookPoint by its module name, e.g. ``transformer.h.0.attn.hook_pattern``."""
