@@ -7,7 +7,6 @@ import torch
 
 from conftest import HAND_VOCAB
 from induction_dynamics.interpretability import activation_patching as ap
-from induction_dynamics.interpretability.patching_core import _run_tail, prefixed_forward, validate_components
 from induction_dynamics.interpretability.utils import HookManager
 from induction_dynamics.model import GPT, GPTConfig
 
@@ -98,16 +97,6 @@ def test_patch_suite_equals_the_variants(which, mlp_model, trained):
         torch.testing.assert_close(suite[name], value, atol=1e-6, rtol=0, msg=name)
 
 
-def test_run_tail_reproduces_the_forward(mlp_model):
-    tokens = torch.randint(0, 32, (3, 20))
-    logits, _ = mlp_model(tokens)
-    _, cache = HookManager(mlp_model).run_with_cache(tokens, names_filter=lambda n: "resid" in n)
-    for l in range(3):
-        for stage in ("pre", "mid", "post"):
-            x = cache[f"transformer.h.{l}.hook_resid_{stage}"]
-            torch.testing.assert_close(_run_tail(mlp_model, x, l, stage)[:, -1], logits[:, -1], atol=1e-5, rtol=0)
-
-
 def test_hand_built_circuit_patching(hand_model):
     d = ap.induction_patching_data(torch.arange(HAND_VOCAB), 16, 8, torch.Generator().manual_seed(0))
     args = (hand_model, d.clean, d.corrupted, d.answer, d.corrupted_answer)
@@ -180,7 +169,7 @@ def test_bad_components_are_refused(trained):
 
 
 # ---------------------------------------------------------------------------------------
-# The fast path (patching_core.prefixed_forward): shared prefix, last query only
+# The batched forwards (patching_runs): shared prefix, last query only, user hooks
 # ---------------------------------------------------------------------------------------
 
 def random_model(n_layer: int, attn_only: bool, seed: int = 0) -> GPT:
@@ -272,47 +261,54 @@ def test_fast_path_when_clean_and_corrupted_are_equal():
     assert fast.effects.isnan().all() and slow.effects.isnan().all()  # nothing to restore: no normalisation
 
 
-def test_components_that_change_nothing_cost_no_forward():
+def test_components_that_change_nothing_cost_no_forward(monkeypatch):
     model = random_model(2, False)
     clean, corrupted = pair_differing_at(PAIRS["first difference varies by row"])  # p = 3
     comps = [ap.Component("transformer.h.0.attn.hook_z", 1, 2), ap.Component("transformer.h.1.hook_resid_pre", None, 0),
              ap.Component("transformer.h.1.hook_mlp_out", None, 5)]  # before p; last block, not the last position
-    comps = validate_components(HookManager(model), comps)
-    assert prefixed_forward(model, clean, corrupted, comps).chunks == []
+    calls = []
+    forward_from = model.forward_from
+    monkeypatch.setattr(model, "forward_from", lambda *a: calls.append(a[0]) or forward_from(*a))
     for kw in (dict(), dict(donor="corrupted", receiver="clean")):
+        calls.clear()
         fast = ap.run_patching(model, clean, corrupted, comps, **kw)
+        assert calls == [0, 0]  # the shared prefix, then both runs after it; no patched run
         slow = ap.run_patching(model, clean, corrupted, comps, batched=False, **kw)
         torch.testing.assert_close(fast.effects, slow.effects, atol=1e-9, rtol=0)
         assert fast.effects.tolist() == ([1.0] * 3 if kw else [0.0] * 3)  # the receiver's own value
 
 
-@pytest.mark.parametrize("n_layer,attn_only", [(1, False), (3, True), (2, False)])
-@pytest.mark.parametrize("patched", [False, True])
-def test_prefixed_forward_matches_the_hooked_forward(n_layer, attn_only, patched):
-    model = random_model(n_layer, attn_only)
+def ablate(layer: int, head: int, position: int | None):
+    """A user's hook: zero one head's output (at one position, or at all)."""
+    def fn(z, hook):
+        z = z.clone()
+        z[:, slice(None) if position is None else position, head] = 0
+        return z
+    return f"transformer.h.{layer}.attn.hook_z", fn
+
+
+@pytest.mark.parametrize("position", [None, 4])
+def test_user_hooks_are_honoured_batched_and_unbatched(position):
+    """Patching inside ``with hm.hooks(...)``: the user's ablation fires in every forward,
+    batched or not, and changes the result (a position-indexed one sees every position)."""
+    model = random_model(3, False)
     clean, corrupted = pair_differing_at(PAIRS["first difference varies by row"])
-    B, T = clean.shape
-    # patched rows joining the same forward leave the two runs' activations alone
-    comps = validate_components(HookManager(model), fast_components(model, T)) if patched else ()
-    pf = prefixed_forward(model, clean, corrupted, comps)
-    assert (len(pf.all_logits) > 2 * B) == patched
-    assert pf.p == 3
-    (logits, _), cache = HookManager(model).run_with_cache(torch.cat([clean, corrupted]))
-    torch.testing.assert_close(pf.logits, logits[:, -1], atol=1e-10, rtol=0)
-    last = n_layer - 1
-    for (layer, name), act in pf.acts.items():
-        hook = {"pre": "hook_resid_pre", "mid": "hook_resid_mid", "post": "hook_resid_post", "z": "attn.hook_z",
-                "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out"}[name]
-        full = cache[f"transformer.h.{layer}.{hook}"]
-        want = full[:, -1:] if layer == last and name != "pre" else full[:, pf.p:]
-        torch.testing.assert_close(act, want, atol=1e-10, rtol=0, msg=f"{layer} {name}")
-    for layer in range(n_layer - 1):  # the prefix's keys and values, shared by both runs
-        k = cache[f"transformer.h.{layer}.attn.hook_k"]
-        torch.testing.assert_close(pf.kv[layer][0], k[:B, :pf.p].transpose(1, 2), atol=1e-10, rtol=0)
-        torch.testing.assert_close(pf.kv[layer][0], k[B:, :pf.p].transpose(1, 2), atol=1e-10, rtol=0)
-    assert len(pf.kv) == n_layer - 1
-    resid = cache[f"transformer.h.{last}.hook_resid_pre"]  # the last block: the prefix's ln_1(x)
-    torch.testing.assert_close(pf.last_prefix, model.transformer.h[last].ln_1(resid[B:, :pf.p]), atol=1e-10, rtol=0)
+    comps = fast_components(model, clean.shape[1])
+    comps += [ap.Component("transformer.h.2.attn.hook_q", 1), ap.Component("hook_embed", None, 5)]
+    plain = ap.run_patching(model, clean, corrupted, comps)
+    hm = HookManager(model)
+    with hm.hooks([ablate(0, 1, position), ablate(2, 0, position)]):
+        unbatched = ap.run_patching(model, clean, corrupted, comps, batched=False)
+        batched = [ap.run_patching(model, clean, corrupted, comps, max_rows=r) for r in (2048, 7)]
+        heads = ap.patch_heads(model, clean, corrupted), ap.patch_heads(model, clean, corrupted, batched=False)
+    assert not any(hp.has_hooks() for hp in hm.hook_points.values())  # the user's hooks left with the block
+    for run in batched:
+        assert run.clean_logit_diff == pytest.approx(unbatched.clean_logit_diff, abs=1e-9)
+        torch.testing.assert_close(run.effects, unbatched.effects, atol=1e-9, rtol=0)
+    torch.testing.assert_close(heads[0], heads[1], atol=1e-9, rtol=0)
+    assert abs(unbatched.clean_logit_diff - plain.clean_logit_diff) > 1e-3  # the ablation changed the model
+    assert (unbatched.effects - plain.effects).abs().max() > 0.05
+    assert (heads[0] - ap.patch_heads(model, clean, corrupted)).abs().max() > 0.05
 
 
 def test_positions_out_of_range_are_refused(mlp_model):
@@ -328,4 +324,4 @@ def test_inputs_longer_than_the_block_are_refused_with_a_clear_error(mlp_model):
     corrupted = long.clone()
     corrupted[:, 3] = 1
     with pytest.raises(ValueError, match="exceeds the model's block size"):
-        prefixed_forward(mlp_model, long, corrupted)
+        ap.patch_heads(mlp_model, long, corrupted)

@@ -13,18 +13,17 @@ that the clean run scores 1 and the corrupted run 0 (Wang et al. 2022; Transform
 ``patching`` module). A component's effect is the fraction of the clean behaviour it
 restores on its own.
 
-Batching: one setup forward runs clean and corrupted side by side (baselines, default
-answers, every activation needed), and every component is patched in its own slice of a
-stacked batch (the receiver stacked n times), not one forward per component. For residual
-points, attention/MLP outputs and heads' z, the setup computes the positions before the
-first difference once (they are the same in both runs), a component's slice joins the
-batch at the point it changes and covers only the positions from the first difference on
-(the first batch of slices rides in the setup forward itself), and the last block runs
-for the last query only, which the metric reads (details in ``patching_core``). Other
-hook points (q, k, v, pattern, embeddings) are patched by masked hooks on a stacked
-batch. ``batched=False`` is the plain one-full-forward-per-component path,
-kept as the reference the batched one is tested against. Attribution patching (Nanda
-2023) is the first-order shortcut: all heads from one forward and one backward pass.
+Batching: one forward runs clean and corrupted side by side (baselines, default answers,
+every activation needed); then each component is patched in its own slice of a stacked
+batch (the receiver stacked n times), by a hook on its hook point, one forward per layer,
+through the model's own forward from that layer's residual stream, not one forward per
+component. Those forwards skip what the metric cannot see: the positions before the first
+difference (the same in both runs; their keys and values come from the first forward)
+and, in the last block, every query but the last (``patching_runs`` says how, and how
+hooks of your own keep every path exact). ``batched=False`` is the plain
+one-full-forward-per-component path, kept as the reference the batched one is tested
+against. Attribution patching (Nanda 2023) is the first-order shortcut: all heads from one
+forward and one backward pass.
 """
 
 from __future__ import annotations
@@ -34,16 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from induction_dynamics.interpretability.patching_core import (  # noqa: F401  (Component, logit_diff: public API)
-    Component,
-    fast_logit_diffs,
-    is_fast,
-    logit_diff,
-    needed_hook_names,
-    patched_logit_diffs,
-    prefixed_forward,
-    validate_components,
-)
+from induction_dynamics.interpretability import patching_runs as runs
+from induction_dynamics.interpretability.patching_runs import Component, logit_diff  # noqa: F401  (public API)
 from induction_dynamics.interpretability.utils import HookManager, layer_of
 
 
@@ -123,43 +114,30 @@ def run_patching(model, clean: torch.Tensor, corrupted: torch.Tensor, components
                  answer=None, corrupted_answer=None, *, donor: str = "clean", receiver: str = "corrupted",
                  batched: bool = True, max_rows: int = 2048, show_progress: bool = False) -> PatchRun:
     """``patch`` with its baselines and answers (see there)."""
-    runs = ("clean", "corrupted")
-    if donor not in runs or receiver not in runs:
+    if {donor, receiver} - {"clean", "corrupted"}:
         raise ValueError("donor and receiver must be 'clean' or 'corrupted'")
     if clean.shape != corrupted.shape:
         raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} differ in shape")
+    B, T = clean.shape
     hm = HookManager(model)
-    components = validate_components(hm, list(components))
-    B = clean.shape[0]
-    fast = [k for k, c in enumerate(components) if batched and is_fast(model, c)]
-    hooked = sorted(set(range(len(components))) - set(fast))
-    # one setup for both runs: baselines, default answers, and every activation needed
-    if fast:  # no hooks; the shared prefix once, and the first batch of patched rows in the same forward
-        pf = prefixed_forward(model, clean, corrupted, [components[k] for k in fast], donor, receiver, max_rows)
-        last = pf.logits  # (2B, V)
-    if hooked or not fast:
-        (logits, _), cache = hm.run_with_cache(torch.cat([clean, corrupted]),
-                                               names_filter=needed_hook_names(model, [components[k] for k in hooked]))
-        halves = {"clean": {k: v[:B] for k, v in cache.items()}, "corrupted": {k: v[B:] for k, v in cache.items()}}
-        if not fast:
-            last = logits[:, -1]
+    components = runs.validate_components(hm, list(components), T)
+    # the shortcuts change the positions a hook sees: only when no hook of the user's is there to see
+    setup = runs.setup_forward(model, hm, clean, corrupted, components, batched and not runs.has_hooks(model))
+    last = setup.last_logits  # (2B, V)
     if answer is None or corrupted_answer is None:
         a, c = _answers_from_logits(last[:B], last[B:])
         answer = a if answer is None else answer
         corrupted_answer = c if corrupted_answer is None else corrupted_answer
     answer, corrupted_answer = _as_answer(answer, B, clean.device), _as_answer(corrupted_answer, B, clean.device)
-    raw = torch.empty(len(components), dtype=last.dtype)
-    if fast:
-        raw[fast], baselines = fast_logit_diffs(model, pf, [components[k] for k in fast], answer, corrupted_answer,
-                                                show_progress)
+    clean_ld, corr_ld = logit_diff(last[:, None], answer, corrupted_answer).tolist()
+    rows = {"clean": slice(0, B), "corrupted": slice(B, 2 * B)}
+    recv_input = clean if receiver == "clean" else corrupted
+    if batched:
+        raw = runs.patched_logit_diffs(model, hm, setup, rows[donor], rows[receiver], recv_input, components,
+                                       answer, corrupted_answer, max_rows, show_progress)
     else:
-        baselines = logit_diff(last[:, None], answer, corrupted_answer)
-    clean_ld, corr_ld = baselines.tolist()
-    if hooked:
-        recv_input = clean if receiver == "clean" else corrupted
-        raw[hooked] = patched_logit_diffs(model, hm, halves[donor], halves[receiver], recv_input,
-                                          [components[k] for k in hooked], answer, corrupted_answer, batched,
-                                          max_rows, show_progress)
+        raw = runs.one_at_a_time(model, hm, setup, rows[donor], recv_input, components, answer, corrupted_answer,
+                                 show_progress)
     denom = clean_ld - corr_ld
     effects = torch.full_like(raw, float("nan")) if abs(denom) < 1e-12 else (raw - corr_ld) / denom
     return PatchRun(effects, clean_ld, corr_ld, answer, corrupted_answer)
