@@ -168,13 +168,12 @@ def _layer_rows(metric: str, values) -> list[tuple]:
 
 
 def _patching_rows(model, p: Probes) -> list[tuple]:
+    """resid, attn_out, mlp_out (MLP models) and heads, from one setup forward (``patch_suite``)."""
     pd_ = p.patching
-    args = (model, pd_.clean, pd_.corrupted, pd_.answer, pd_.corrupted_answer)
-    rows = _layer_rows("patch_resid", ap.patch_residual_by_layer(*args))
-    rows += _layer_rows("patch_attn_out", ap.patch_attn_out_by_layer(*args))
-    if not model.config.attn_only:
-        rows += _layer_rows("patch_mlp_out", ap.patch_mlp_out_by_layer(*args))
-    return rows + _head_rows("patch_head", ap.patch_heads(*args))
+    effects = ap.patch_suite(model, pd_.clean, pd_.corrupted, pd_.answer, pd_.corrupted_answer)
+    names = {"resid": "patch_resid", "attn_out": "patch_attn_out", "mlp_out": "patch_mlp_out", "heads": "patch_head"}
+    return [row for part, values in effects.items()
+            for row in (_head_rows if part == "heads" else _layer_rows)(names[part], values)]
 
 
 def _attribution_rows(model, p: Probes) -> list[tuple]:
