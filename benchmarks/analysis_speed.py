@@ -5,9 +5,8 @@
 
 Times (best of --repeats, seconds):
   1. per-head activation patching (every head, all positions): batched vs one forward per
-     head, end to end, and split into each path's clean+corrupted setup forward (hooked,
-     for one-at-a-time; hook-free with the shared prefix once, for batched, whose patched
-     rows then ride in that same forward) and the rest;
+     head, end to end, and split into each path's clean+corrupted setup forward (every
+     position, for one-at-a-time; the shared prefix once, for batched) and the rest;
   2. per-head-by-position patching, batched vs one forward per (head, position);
   3. the full metric suite the analysis sweep runs per checkpoint.
 Run it alone: other processes on the same cores distort every figure.
@@ -26,7 +25,7 @@ from induction_dynamics.checkpoint import CheckpointError, load_checkpoint, mode
 from induction_dynamics.interpretability import activation_patching as ap
 from induction_dynamics.interpretability import attention_analysis as aa
 from induction_dynamics.interpretability import logit_lens, metrics
-from induction_dynamics.interpretability.patching_core import needed_hook_names, prefixed_forward
+from induction_dynamics.interpretability import patching_runs
 from induction_dynamics.interpretability.utils import HookManager
 from induction_dynamics.model import GPT, GPTConfig
 
@@ -105,13 +104,14 @@ def main(argv=None) -> int:
     L, H, T = model.config.n_layer, model.config.n_head, d.clean.shape[1]
     print(f"{desc}\ntorch threads: {torch.get_num_threads()}, batch {args.batch}, sequence length {T}")
 
-    heads = [ap.Component(f"transformer.h.{l}.attn.hook_z", h) for l in range(L) for h in range(H)]
     hm = HookManager(model)
-    both = torch.cat([d.clean, d.corrupted])
-    with torch.no_grad():  # each path's setup alone: one-at-a-time's hooked forward, batched's own forward
-        one_setup = best_of(lambda: hm.run_with_cache(both, names_filter=needed_hook_names(model, heads)),
+    heads = patching_runs.validate_components(
+        hm, [ap.Component(f"transformer.h.{l}.attn.hook_z", h) for l in range(L) for h in range(H)], T)
+    with torch.no_grad():  # each path's setup alone: every position for one-at-a-time, the shortcuts' for batched
+        one_setup = best_of(lambda: patching_runs.setup_forward(model, hm, d.clean, d.corrupted, heads, False),
                             args.repeats)
-        batched_setup = best_of(lambda: prefixed_forward(model, d.clean, d.corrupted), args.repeats)
+        batched_setup = best_of(lambda: patching_runs.setup_forward(model, hm, d.clean, d.corrupted, heads, True),
+                                args.repeats)
     batched = best_of(lambda: ap.patch_heads(*pair), args.repeats)
     one = best_of(lambda: ap.patch_heads(*pair, batched=False), args.repeats)
     by_pos_batched = best_of(lambda: ap.patch_heads_by_position(*pair), args.repeats)
@@ -131,9 +131,8 @@ def main(argv=None) -> int:
               f"  {r['speedup']:6.1f}x")
     print(f"  patch_heads, one at a time: hooked clean+corrupted forward {one_setup:.4f} s"
           f" + {L * H} hooked forwards {one - one_setup:.4f} s")
-    print(f"  patch_heads, batched: clean+corrupted forward (no hooks, positions before the first difference"
-          f" once) {batched_setup:.4f} s\n      + the {L * H} patched copies riding in it, and bookkeeping"
-          f" {batched - batched_setup:.4f} s")
+    print(f"  patch_heads, batched: the shared prefix once, then clean+corrupted after it {batched_setup:.4f} s"
+          f"\n      + one stacked forward per layer for the {L * H} patched copies {batched - batched_setup:.4f} s")
 
     suite = {name: best_of(fn, args.repeats) for name, fn in metric_suite(model, allowed, seq_len, args.batch, gen).items()}
     res["metric_suite_s"] = suite
