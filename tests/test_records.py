@@ -35,6 +35,8 @@ def wandb_runs(run_dir, job_type: str) -> dict[str, list[dict]]:
     """{W&B run id: history items, over every offline segment of that run} for ``job_type``."""
     found: dict[str, list[dict]] = {}
     for path in sorted((run_dir / "wandb").glob("offline-run-*")):
+        if not any(path.glob("*.wandb")):  # W&B may open a resumed segment's folder and write elsewhere
+            continue
         recs = leet(path)
         run = next((r["run"] for r in recs if r["type"] == "run"), None)
         if run is None:  # W&B buffers its log: a segment killed early may hold no record at all

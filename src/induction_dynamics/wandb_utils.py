@@ -143,7 +143,7 @@ class WandbLogger:
             return
         current = Path(self.run.dir).parent
         segments = [d for d in sorted((self.dir / "wandb").glob(f"*run-*-{self.state['id']}"))
-                    if d.is_dir() and d.resolve() != current.resolve()]
+                    if d.is_dir() and d.resolve() != current.resolve() and any(d.glob("*.wandb"))]
         held: set[tuple[int, str]] = set()
         for seg in segments:
             try:
