@@ -265,3 +265,11 @@ def test_a_foreign_checkpoint_with_no_dataset_is_a_one_line_error(tmp_path):
     with pytest.raises(AnalysisError, match="vocabulary"):
         analyse(run, f"data_dir={other}", "force=true")
     assert os.path.exists(folder / "meta.pkl")
+
+
+def test_natural_text_is_natural_data_and_its_control_differs_by_one_layer():
+    exp, ctl = compose_cfg(["experiment=natural_text"]), compose_cfg(["experiment=natural_text_1layer"])
+    assert (exp.data.name, exp.data.tokenizer, exp.data.repeat_frac) == ("python_code", "bpe", 0.0)
+    assert exp.model.attn_only and (exp.model.n_layer, ctl.model.n_layer) == (2, 1)
+    assert {k: v for k, v in exp.model.items() if k != "n_layer"} == {k: v for k, v in ctl.model.items() if k != "n_layer"}
+    assert exp.optim == ctl.optim and exp.train == ctl.train and exp.data == ctl.data
