@@ -71,22 +71,45 @@ def test_notebook_is_complete_and_uses_the_api():
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # committed without outputs
 
 
-@pytest.mark.slow
-def test_notebook_executes_top_to_bottom(tmp_path):
+def execute_notebook(out_dir, **env) -> str:
+    """Run the notebook in a kernel (figures to ``out_dir``); its text outputs, joined."""
     import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
     env_before = dict(os.environ)
     os.environ.update(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), MPLBACKEND="Agg",
-                      INDUCTION_NOTEBOOK_OUT=str(tmp_path))
+                      INDUCTION_NOTEBOOK_OUT=str(out_dir), **env)
     try:
-        NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+        NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(out_dir)}}).execute()
     finally:
         os.environ.clear()
         os.environ.update(env_before)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
-    outputs = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    return "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+
+
+@pytest.mark.slow
+def test_notebook_executes_top_to_bottom(tmp_path):
+    outputs = execute_notebook(tmp_path)
     assert "induction heads found" in outputs
     assert any(p.suffix == ".png" for p in tmp_path.iterdir())
+    # no saved quickstart analysis here: section 9 draws the hand-built circuit's "history"
+    assert "the hand-built circuit over 8 sharpness" in outputs
+    assert (tmp_path / "over_training" / "attention_over_training.png").is_file()
+
+
+@pytest.mark.slow
+def test_notebook_draws_a_saved_analysis(tmp_path):
+    from induction_dynamics.analysis.pipeline import analyze
+    from test_analysis_helpers import make_run
+    from test_analysis_sweep import cfg_for
+
+    run_dir = make_run(tmp_path / "run", 0, steps=(0, 10, 20, 30), shape={"n_layer": 2}, iters_per_step=3)
+    analyze(cfg_for(run_dir, "wandb.mode=disabled", "plots.formats=[png]"))
+    out = tmp_path / "out"
+    out.mkdir()
+    outputs = execute_notebook(out, INDUCTION_RESULTS=str(run_dir))
+    assert f"saved analysis of {run_dir}: 4 checkpoints" in outputs
+    assert (out / "over_training" / "attention_over_training.png").is_file()

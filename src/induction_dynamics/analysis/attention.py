@@ -162,7 +162,7 @@ def plot_attention_over_training(table: pd.DataFrame, phase: pd.DataFrame | None
     fig.colorbar(im, cax=fig.add_axes((1 - 0.95 / width, 0.2, 0.15 / width, 0.6)), label="attention")
     seeds = table["seed"].unique()
     where = "around the phase window" if detected else "(no phase window detected: first, middle, last checkpoint)"
-    fig.suptitle(f"Attention on a repeated sequence {where}" + (f", seed {seeds[0]}" if len(seeds) == 1 else ""),
+    fig.suptitle(f"Attention on a repeated sequence {where}" + (f", seed {seeds[0]}" if len(seeds) == 1 and seeds[0] >= 0 else ""),
                  fontsize=10)
     return _save(fig, out_dir, FIGURE, formats, dpi), panels, ""
 
