@@ -16,22 +16,11 @@ import argparse
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
-from hydra import compose, initialize_config_dir
+from train_throughput import run  # the same compose-and-train of one benchmark run
 
 from induction_dynamics import python_code
 from induction_dynamics.data import load_data
-from induction_dynamics.trainer import train
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def run(overrides: list[str]) -> dict:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    with tempfile.TemporaryDirectory() as d:
-        return train(cfg, run_dir=d)
 
 
 def main() -> None:
