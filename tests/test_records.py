@@ -6,6 +6,7 @@ with `wandb leet inspect --json`."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 
@@ -32,11 +33,10 @@ def leet(path) -> list[dict]:
 
 
 def wandb_runs(run_dir, job_type: str) -> dict[str, list[dict]]:
-    """{W&B run id: history items, over every offline segment of that run} for ``job_type``."""
+    """{W&B run id: history items, over every offline segment of that run} for ``job_type``.
+    Every transaction log under ``wandb/`` is read, wherever W&B put it."""
     found: dict[str, list[dict]] = {}
-    for path in sorted((run_dir / "wandb").glob("offline-run-*")):
-        if not any(path.glob("*.wandb")):  # W&B may open a resumed segment's folder and write elsewhere
-            continue
+    for path in sorted((run_dir / "wandb").rglob("*.wandb")):
         recs = leet(path)
         run = next((r["run"] for r in recs if r["type"] == "run"), None)
         if run is None:  # W&B buffers its log: a segment killed early may hold no record at all
@@ -44,6 +44,12 @@ def wandb_runs(run_dir, job_type: str) -> dict[str, list[dict]]:
         if run.get("job_type") == job_type:
             found.setdefault(run["run_id"], []).extend(r["history"]["item"] for r in recs if r["type"] == "history")
     return found
+
+
+def wandb_listing(run_dir) -> str:
+    """What W&B left under ``wandb/`` (for a failure message)."""
+    return "; ".join(f"{p.relative_to(run_dir)} ({p.stat().st_size} B)"
+                     for p in sorted((run_dir / "wandb").rglob("*")) if p.is_file() and not p.is_symlink())
 
 
 def iters(history, key) -> list[int]:
@@ -56,6 +62,9 @@ def test_kill_9_then_resume_continues_the_same_wandb_run(tmp_path):
     run_dir = tmp_path / "run"
     args = [a for a in TINY if not a.startswith("wandb.mode")] + [
         "wandb.mode=offline", "train.max_iters=120", "train.eval_every=10", "checkpoint.every=20"]
+    # a W&B service in this process, as a notebook has, which train.py's processes inherit
+    train(compose_cfg(args[:-3] + ["train.max_iters=1"]), run_dir=tmp_path / "notebook")
+    assert "WANDB_SERVICE" in os.environ
     killed_at = train_then_kill(args, run_dir, after_iter=30, pause=0.03)
     assert killed_at < 120
 
@@ -63,7 +72,8 @@ def test_kill_9_then_resume_continues_the_same_wandb_run(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2  # the killed segment and the resumed one
     runs = wandb_runs(run_dir, "train")
-    assert len(runs) == 1, f"expected one W&B run id, got {sorted(runs)}"
+    assert len(runs) == 1, (f"expected one W&B run id, got {sorted(runs)}; W&B left: {wandb_listing(run_dir)}; "
+                            f"resumed stderr: {resumed.stderr[-1500:]}")
     (run_id, history), = runs.items()
     assert json.loads((run_dir / "wandb" / "train_run.json").read_text())["id"] == run_id
     # every step once: none duplicated by the replay since resume.pt, none missing

@@ -94,6 +94,10 @@ def main_wrapper(entry) -> int:
     user_wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ[_USER_FULL_ERROR] = "1" if user_wants_traceback else "0"  # seen by one_line_errors
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing its multi-line report
+    # A W&B service inherited from a parent process (a notebook, a test runner) outlives a killed
+    # training with that run's stream still open: the resumed process's records would land in the
+    # killed one's file, written only when the parent exits. Each command starts its own service.
+    os.environ.pop("WANDB_SERVICE", None)
     try:
         entry()
     except Exception as e:
