@@ -173,6 +173,21 @@ def test_changed_settings_rebuild_the_cache_and_metric_set_is_configurable(sweep
         analyze(cfg_for(root, *FAST, "suite.metrics=[induction,bogus]"))
 
 
+def test_llc_settings_key_the_cache_only_when_the_llc_is_on(sweep_src, tmp_path):
+    root = tmp_path / "run"
+    shutil.copytree(sweep_src / "seed0", root)
+    fast = (*FAST, "analysis/suite=fast")
+    analyze(cfg_for(root, *fast))
+    # SGLD settings change nothing the fast suite computes: its cached results stay valid
+    assert "(0 new)" in analyze(cfg_for(root, *fast, "suite.llc.num_draws=5"))["report"]
+    # with the llc on they are part of what was computed: other settings, another analysis
+    llc = (*fast, "suite.metrics=[induction,llc]", "suite.llc.num_chains=1", "suite.llc.num_draws=3",
+           "suite.llc.windows=16")
+    assert "(4 new)" in analyze(cfg_for(root, *llc))["report"]
+    assert "(0 new)" in analyze(cfg_for(root, *llc))["report"]
+    assert "(4 new)" in analyze(cfg_for(root, *llc[:-1], "suite.llc.windows=32"))["report"]
+
+
 def test_parallel_workers_give_the_serial_table(sweep_src, analysed, tmp_path):
     root = tmp_path / "seed1"
     shutil.copytree(sweep_src / "seed1", root)

@@ -192,9 +192,11 @@ def prepare_run(run_dir: Path, label: str, cfg) -> RunContext | None:
 def _check_cache_settings(ctx: RunContext, cfg) -> None:
     """Fix the run's analysis fingerprint (settings + code) and record it in ``cache/suite.json``;
     ``force=true`` discards every cached result of the run."""
+    suite = OmegaConf.to_container(cfg.suite, resolve=True, enum_to_str=True)
+    if "llc" not in ctx.metrics:  # SGLD settings change nothing the other metrics compute
+        suite.pop("llc", None)
     settings = {"version": CACHE_VERSION, "seed": int(cfg.seed), "metrics": sorted(ctx.metrics),
-                "suite": OmegaConf.to_container(cfg.suite, resolve=True, enum_to_str=True), "probes": ctx.probes.info(),
-                "code": code_version()}
+                "suite": suite, "probes": ctx.probes.info(), "code": code_version()}
     ctx.fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     if cfg.force:
         cached = list(R.cache_dir(ctx.run_dir).glob("step_*"))
