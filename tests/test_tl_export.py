@@ -1,6 +1,7 @@
 """TransformerLens export: parity with our model on logits, head scores (against TL's
 detect_head) and per-head patching (against TL's get_act_patch_attn_head_out_all_pos)."""
 
+import dataclasses
 import sys
 
 import pytest
@@ -73,6 +74,25 @@ def test_checkpoint_dict_and_file(tmp_path, trained):
         to_hooked_transformer(trained.model.state_dict())  # a bare state dict is not a checkpoint
     with pytest.raises(TypeError, match="expected a GPT"):
         to_hooked_transformer(42)
+
+
+@needs_tl
+def test_a_bpe_checkpoint_exports_with_the_tokenizer_it_was_trained_with(tmp_path):
+    from induction_dynamics.shakespeare import shakespeare_text
+    from induction_dynamics.tokenizer import train_bpe
+
+    text = shakespeare_text()[:200_000]
+    bpe = train_bpe([text[i:i + 2000] for i in range(0, len(text), 2000)], vocab_size=300)
+    # vocab_size rounded up past the tokenizer's 300, as nanoGPT rounds 50,257 to 50,304
+    model = GPT(GPTConfig(block_size=32, vocab_size=320, n_layer=1, n_head=2, n_embd=16)).eval()
+    path = tmp_path / "step_000000.pt"
+    save_atomic({"model": model.state_dict(), "model_args": dataclasses.asdict(model.config), "tokenizer": bpe.state()}, path)
+    tl = to_hooked_transformer(path)
+    sample = "ROMEO: But, soft! what light"  # within the model's 32 positions
+    ids = tl.to_tokens(sample)[0]
+    assert ids.tolist() == bpe.encode(sample) and len(ids) < len(sample)  # merges, not characters
+    assert tl.to_string(ids) == sample
+    torch.testing.assert_close(tl(ids[None]), model(ids[None])[0], atol=1e-4, rtol=0)
 
 
 @needs_tl

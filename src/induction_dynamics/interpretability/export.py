@@ -15,8 +15,10 @@ position). What differs from TransformerLens's GPT-2:
 - ``act_fn="gelu"`` (nanoGPT's ``nn.GELU()`` is the exact GELU, not GPT-2's tanh form);
 - ``bias=False`` models get zero biases (TransformerLens always has them);
 - the tied embedding is copied into both ``W_E`` and ``W_U`` (TransformerLens does not tie);
-- a checkpoint's character vocabulary becomes a one-character-per-token tokenizer, so
-  ``to_tokens`` / ``to_string`` / ``detect_head`` take text. These models have no BOS
+- the checkpoint's own tokenizer comes along as a Hugging Face fast tokenizer: a character
+  vocabulary as one token per character, a byte-level BPE run's as that BPE itself, so
+  ``to_tokens`` / ``to_string`` / ``detect_head`` take text. GPT-2 ids without their merges
+  (a nanoGPT ``.bin`` dataset) have none: feed token tensors. These models have no BOS
   token: ``default_prepend_bos`` is False, and ``prepend_bos=True`` would prepend a
   string the vocabulary does not have.
 """
@@ -29,6 +31,7 @@ import torch
 
 from induction_dynamics.checkpoint import load_checkpoint, model_from_checkpoint
 from induction_dynamics.model import GPT
+from induction_dynamics.tokenizer import BPETokenizer, CharTokenizer, TokenizerError, from_state
 
 _MISSING = "to_hooked_transformer needs TransformerLens 2.x: pip install 'induction-dynamics[tl]'"
 
@@ -63,6 +66,34 @@ def char_tokenizer(vocab: list[str]):
     # positions after a sequence's end, which causal attention never lets earlier ones see.
     return PreTrainedTokenizerFast(tokenizer_object=tok, name_or_path="characters", add_bos_token=True,
                                    pad_token=vocab[0], clean_up_tokenization_spaces=False)
+
+
+def bpe_tokenizer(tokenizer_json: str):
+    """A Hugging Face fast tokenizer around a byte-level BPE run's own ``tokenizers`` JSON."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    # the first token as pad, add_bos_token and a name: as char_tokenizer
+    tok = Tokenizer.from_str(tokenizer_json)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, name_or_path="bpe", add_bos_token=True,
+                                   pad_token=tok.id_to_token(0), clean_up_tokenization_spaces=False)
+
+
+def _hf_tokenizer(vocab: list[str] | None, saved: dict | None):
+    """The tokenizer to hand TransformerLens: ``vocab`` (characters) if given, else the
+    checkpoint's saved one; None where there is none that encodes text."""
+    if vocab is not None:
+        # labels of longer tokens (a BPE run's) say nothing of how text splits into them
+        return char_tokenizer(vocab) if all(len(t) == 1 for t in vocab) else None
+    try:
+        tok = from_state(saved) if saved is not None else None
+    except TokenizerError:
+        return None
+    if isinstance(tok, CharTokenizer):
+        return char_tokenizer(tok.itos)
+    if isinstance(tok, BPETokenizer):
+        return bpe_tokenizer(tok.json)
+    return None  # GPT-2 ids: no merges here to encode text with
 
 
 def _state_dict(model: GPT, n_head: int) -> dict[str, torch.Tensor]:
@@ -107,8 +138,8 @@ def to_hooked_transformer(model_or_checkpoint, *, vocab: list[str] | None = None
     ``model_or_checkpoint``: a ``GPT``, a checkpoint dict (``{"model", "model_args", ...}``,
     see ``checkpoint``) or the path of a checkpoint file (read with ``weights_only=True``).
     ``vocab`` (token id -> character) sets the tokenizer; by default the checkpoint's own
-    ``vocab``. Without one (a bare GPT) or with multi-character tokens there is no
-    tokenizer: feed token tensors. The result is in eval mode,
+    tokenizer (characters or byte-level BPE). Without one (a bare GPT, GPT-2 ids) there is
+    no tokenizer: feed token tensors. The result is in eval mode,
     on ``device`` (default: where the weights are), in the weights' dtype.
     """
     tl = _transformer_lens()
@@ -118,15 +149,21 @@ def to_hooked_transformer(model_or_checkpoint, *, vocab: list[str] | None = None
         if not {"model", "model_args"} <= model_or_checkpoint.keys():
             raise ValueError("a checkpoint dict needs 'model' and 'model_args' entries (a bare state dict "
                              "does not say the model's shape)")
-        vocab = vocab if vocab is not None else model_or_checkpoint.get("vocab")
+        saved = model_or_checkpoint.get("tokenizer")
+        if saved is None and vocab is None and model_or_checkpoint.get("vocab") is not None:
+            saved = {"kind": "char", "itos": model_or_checkpoint["vocab"]}  # written before tokenizers travelled
         model = model_from_checkpoint(model_or_checkpoint)
     elif isinstance(model_or_checkpoint, GPT):
-        model = model_or_checkpoint
+        model, saved = model_or_checkpoint, None
     else:
         raise TypeError(f"expected a GPT, a checkpoint dict or a path, got {type(model_or_checkpoint).__name__}")
     c = model.config
     if vocab is not None and len(vocab) != c.vocab_size:
         raise ValueError(f"vocab has {len(vocab)} tokens but the model's vocab_size is {c.vocab_size}")
+    hf_tok = _hf_tokenizer(vocab, saved)
+    # a tokenizer may be smaller than the embedding (nanoGPT rounds vocab_size up to 50,304)
+    if hf_tok is not None and len(hf_tok) > c.vocab_size:
+        raise ValueError(f"the tokenizer has {len(hf_tok)} tokens but the model's vocab_size is {c.vocab_size}")
     weight = model.lm_head.weight
     cfg = tl.HookedTransformerConfig(
         n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.block_size, d_head=c.n_embd // c.n_head,
@@ -135,9 +172,7 @@ def to_hooked_transformer(model_or_checkpoint, *, vocab: list[str] | None = None
         positional_embedding_type="standard", default_prepend_bos=False,
         device=str(device if device is not None else weight.device), dtype=weight.dtype,
     )
-    # a vocabulary of longer tokens (a BPE run) needs its own tokenizer: feed token tensors then
-    chars = vocab is not None and all(len(t) == 1 for t in vocab)
-    hooked = tl.HookedTransformer(cfg, tokenizer=char_tokenizer(vocab) if chars else None)
+    hooked = tl.HookedTransformer(cfg, tokenizer=hf_tok)
     hooked.load_and_process_state_dict(_state_dict(model, c.n_head), fold_ln=False, center_writing_weights=False,
                                        center_unembed=False, fold_value_biases=False,
                                        refactor_factored_attn_matrices=False)
