@@ -12,7 +12,9 @@ Shakespeare vocabulary; weights random: time does not depend on them), times (be
      and that divided by the number of checkpoints;
   3. the CircuitsVis view of one checkpoint (``attention.attention_html``);
   4. ``analyze_checkpoint`` on one checkpoint (config, validation text, probes, suite) vs the
-     sweep's worker on it.
+     sweep's worker on it;
+  5. per checkpoint, the default suite without ``composition``, ``composition`` alone and the
+     opt-in ``llc`` alone (its SGLD settings from ``analysis/suite=llc``): what each view adds.
 Run it alone: other processes on the same cores distort every figure.
 """
 
@@ -111,6 +113,15 @@ def main() -> None:
         out["4_analyze_checkpoint_s"] = one
         out["4_sweep_worker_s"] = worker
         out["4_ratio"] = one / worker
+
+        metrics = [m for m in cfg.suite.metrics if m != "composition"]
+        out["5_suite_without_composition_s"] = best_of(
+            lambda: sweep.checkpoint_rows(model, ckpt, steps[-1], probes, metrics), a.repeats)
+        out["5_composition_s"] = best_of(
+            lambda: sweep.checkpoint_rows(model, ckpt, steps[-1], probes, ["composition"]), a.repeats)
+        llc_probes = sweep.probes_for(ckpt, ckpt["config"], analysis_config("llc"))
+        out["5_llc_s"] = best_of(lambda: sweep.checkpoint_rows(model, ckpt, steps[-1], llc_probes, ["llc"]),
+                                 max(1, a.repeats - 2))  # seconds per call: one or two calls tell it
     print(json.dumps(out, indent=2))
 
 
