@@ -6,7 +6,7 @@
     python train.py train.resume=true hydra.run.dir=outputs/2025-01-01/12-00-00   # continue a run
     torchrun --standalone --nproc_per_node=8 train.py model=baby_shakespeare   # DDP (docs/scaling.md)
 
-Configuration: conf/ (groups model, data, optim, checkpoint, probe, wandb, experiment), typed by
+Configuration: conf/ (groups model, data, optim, checkpoint, monitor, wandb, experiment), typed by
 src/induction_dynamics/config.py. Errors in the configuration or the data print one line and
 exit with status 2; set HYDRA_FULL_ERROR=1 for the full traceback.
 """
@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from induction_dynamics.cli import (agree_run_dir, hydra_overrides_for_rank, main_wrapper, multirun_show_cfg,
                                     one_line_errors, thread_budget)
-from induction_dynamics.config import ConfigError, run_names, validate
+from induction_dynamics.config import ConfigError, check_renamed_overrides, run_names, validate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -55,4 +55,9 @@ if __name__ == "__main__":
     if int(os.environ.get("RANK", "0")) > 0:  # torchrun: Hydra's files come from rank 0 (docs/scaling.md)
         sys.argv += hydra_overrides_for_rank()
     sys.argv = multirun_show_cfg(sys.argv)  # -m ... --cfg hydra: show a sweep job's launcher config
-    sys.exit(main_wrapper(hydra_main))
+
+    def main():
+        check_renamed_overrides(sys.argv[1:])  # probe.every=... names monitor.every, in one line
+        hydra_main()
+
+    sys.exit(main_wrapper(main))

@@ -85,8 +85,8 @@ def metric_suite(model, allowed, seq_len, batch, gen) -> dict[str, callable]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", help="nanoGPT-format checkpoint ({'model', 'model_args'}); default: the default model")
-    p.add_argument("--batch", type=int, default=8, help="examples per patching / probe batch (default 8)")
-    p.add_argument("--seq-len", type=int, default=20, help="half length of the [x, x] probes (default 20)")
+    p.add_argument("--batch", type=int, default=8, help="examples per patching / prompt batch (default 8)")
+    p.add_argument("--seq-len", type=int, default=20, help="half length of the [x, x] prompts (default 20)")
     p.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs")
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)

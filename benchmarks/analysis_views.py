@@ -11,7 +11,7 @@ Shakespeare vocabulary; weights random: time does not depend on them), times (be
   2. per run: gathering those patterns and drawing the attention figure (PNG + PDF + panels),
      and that divided by the number of checkpoints;
   3. the CircuitsVis view of one checkpoint (``attention.attention_html``);
-  4. ``analyze_checkpoint`` on one checkpoint (config, validation text, probes, suite) vs the
+  4. ``analyze_checkpoint`` on one checkpoint (config, validation text, prompts, suite) vs the
      sweep's worker on it;
   5. per checkpoint, the default suite without ``composition``, ``composition`` alone and the
      opt-in ``llc`` alone (its SGLD settings from ``analysis/suite=llc``): what each view adds.
@@ -72,16 +72,16 @@ def main() -> None:
         steps = write_run(run_dir, a.ckpts)
         cfg = analysis_config("default")
         ckpt = load_checkpoint(history_path(run_dir, steps[-1]))
-        probes = sweep.probes_for(ckpt, ckpt["config"], cfg)
+        prompts = sweep.prompts_for(ckpt, ckpt["config"], cfg)
         model = model_from_checkpoint(ckpt)
-        seq = probes.induction[0]
+        seq = prompts.induction[0]
         labels = Vocab.from_checkpoint(ckpt).labels(seq)
 
         def patterns_for(step):
             p = attention_patterns(model, seq)[:, 0].float().numpy()
             A.write_checkpoint_patterns(R.attention_cache_path(run_dir, step), p, seq.tolist(), labels)
 
-        suite_s = best_of(lambda: sweep.checkpoint_rows(model, ckpt, steps[-1], probes, cfg.suite.metrics), a.repeats)
+        suite_s = best_of(lambda: sweep.checkpoint_rows(model, ckpt, steps[-1], prompts, cfg.suite.metrics), a.repeats)
         attn_s = best_of(lambda: patterns_for(steps[-1]), a.repeats)
         out["1_suite_s_per_ckpt"] = suite_s
         out["1_attention_patterns_s_per_ckpt"] = attn_s
@@ -108,24 +108,24 @@ def main() -> None:
 
         path = history_path(run_dir, steps[-1])
         one = best_of(lambda: analyze_checkpoint(path), a.repeats)
-        worker = best_of(lambda: sweep.analyse_checkpoint(str(run_dir), "run", steps[-1], str(path), probes,
-                                                          list(cfg.suite.metrics), probes_args(ckpt), "bench"), a.repeats)
+        worker = best_of(lambda: sweep.analyse_checkpoint(str(run_dir), "run", steps[-1], str(path), prompts,
+                                                          list(cfg.suite.metrics), shape_args(ckpt), "bench"), a.repeats)
         out["4_analyze_checkpoint_s"] = one
         out["4_sweep_worker_s"] = worker
         out["4_ratio"] = one / worker
 
         metrics = [m for m in cfg.suite.metrics if m != "composition"]
         out["5_suite_without_composition_s"] = best_of(
-            lambda: sweep.checkpoint_rows(model, ckpt, steps[-1], probes, metrics), a.repeats)
+            lambda: sweep.checkpoint_rows(model, ckpt, steps[-1], prompts, metrics), a.repeats)
         out["5_composition_s"] = best_of(
-            lambda: sweep.checkpoint_rows(model, ckpt, steps[-1], probes, ["composition"]), a.repeats)
-        llc_probes = sweep.probes_for(ckpt, ckpt["config"], analysis_config("llc"))
-        out["5_llc_s"] = best_of(lambda: sweep.checkpoint_rows(model, ckpt, steps[-1], llc_probes, ["llc"]),
+            lambda: sweep.checkpoint_rows(model, ckpt, steps[-1], prompts, ["composition"]), a.repeats)
+        llc_prompts = sweep.prompts_for(ckpt, ckpt["config"], analysis_config("llc"))
+        out["5_llc_s"] = best_of(lambda: sweep.checkpoint_rows(model, ckpt, steps[-1], llc_prompts, ["llc"]),
                                  max(1, a.repeats - 2))  # seconds per call: one or two calls tell it
     print(json.dumps(out, indent=2))
 
 
-def probes_args(ckpt: dict) -> dict:
+def shape_args(ckpt: dict) -> dict:
     return {k: ckpt["model_args"].get(k) for k in sweep.SHAPE_FIELDS}
 
 

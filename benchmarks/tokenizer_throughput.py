@@ -41,7 +41,7 @@ def main() -> None:
               f"{len(corpus.train_text):,} characters ({build:.1f} s with encoding and cache writes); "
               f"{chars_per_token['bpe']:.2f} characters per token; char vocabulary {char.vocab_size}", flush=True)
         common = ["data=python_code", f"data.cache_dir={cache}", f"train.max_iters={args.iters}",
-                  "train.progress=false", "wandb.mode=disabled", "probe.enabled=false",
+                  "train.progress=false", "wandb.mode=disabled", "monitor.enabled=false",
                   f"checkpoint.every={args.iters}", "checkpoint.schedule=linear", *args.model]
         variants = {"char": common, "bpe": common + ["data.tokenizer=bpe", f"data.vocab_size={args.vocab}"]}
         run(common[:2] + ["train.max_iters=10"] + common[3:])  # warm-up: allocator, imports

@@ -5,7 +5,7 @@
 
 Needs the ``[tl]`` extra. The model goes to TransformerLens through
 ``export.to_hooked_transformer`` (unfolded weights: same logits), and both sides get the
-inputs the analysis sweep gives that checkpoint (``sweep.probes_for`` with the default
+inputs the analysis sweep gives that checkpoint (``sweep.prompts_for`` with the default
 analysis settings: the run's own validation text). Timed, best of --repeats, in order:
 
   logits          model(text windows)                 vs  HookedTransformer(text windows)
@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from induction_dynamics.analysis.config import AnalyzeConfig  # noqa: E402
-from induction_dynamics.analysis.sweep import probes_for, train_config_of  # noqa: E402
+from induction_dynamics.analysis.sweep import prompts_for, train_config_of  # noqa: E402
 from induction_dynamics.checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint  # noqa: E402
 from induction_dynamics.interpretability import activation_patching as ap  # noqa: E402
 from induction_dynamics.interpretability import logit_lens as ll  # noqa: E402
@@ -45,13 +45,13 @@ from induction_dynamics.interpretability import metrics as M  # noqa: E402
 from analysis_speed import best_of  # noqa: E402  (this folder's, on sys.path when run as a script)
 
 
-def tl_side(tl, probes):
+def tl_side(tl, prompts):
     """The five analyses done with TransformerLens, each returning what ours returns."""
     from importlib.metadata import version
 
     from transformer_lens.patching import get_act_patch_attn_head_out_all_pos
 
-    p, d = probes, probes.patching
+    p, d = prompts, prompts.patching
     L = tl.cfg.n_layers
     rows = torch.arange(len(d.answer))
 
@@ -86,8 +86,8 @@ def tl_side(tl, probes):
             "per-head patching": patch_heads, "logit lens": logit_lens}, version("transformer-lens")
 
 
-def our_side(model, probes):
-    p, d = probes, probes.patching
+def our_side(model, prompts):
+    p, d = prompts, prompts.patching
     return {
         "logits": lambda: model(p.text)[0],
         "induction": lambda: M.induction_scores(model, p.induction, p.induction_seq_len),
@@ -117,13 +117,13 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     margs = ckpt["model_args"]
-    probes = probes_for(ckpt, train_config_of(ckpt, Path(path).parent.parent), OmegaConf.structured(AnalyzeConfig))
-    theirs, tl_version = tl_side(tl, probes)
-    ours = our_side(model, probes)
+    prompts = prompts_for(ckpt, train_config_of(ckpt, Path(path).parent.parent), OmegaConf.structured(AnalyzeConfig))
+    theirs, tl_version = tl_side(tl, prompts)
+    ours = our_side(model, prompts)
     print(f"{path}: {margs}\nTransformerLens {tl_version}, torch {torch.__version__}, {args.threads} threads, "
           f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), best of {args.repeats}")
-    print(f"inputs: text {tuple(probes.text.shape)}, induction {tuple(probes.induction.shape)}, "
-          f"patching {tuple(probes.patching.clean.shape)}\n")
+    print(f"inputs: text {tuple(prompts.text.shape)}, induction {tuple(prompts.induction.shape)}, "
+          f"patching {tuple(prompts.patching.clean.shape)}\n")
     res = {"checkpoint": path, "model_args": margs, "transformer_lens": tl_version, "torch": torch.__version__,
            "threads": args.threads, "repeats": args.repeats, "items": {}}
     print(f"{'':<18} {'ours (ms)':>10} {'TL (ms)':>10} {'ratio':>7}  max |ours - TL|")

@@ -44,7 +44,7 @@ def train_tiny_induction_model(iters: int = 300, seed: int = 0) -> GPT:
     """AdamW on ``[x, x]`` sequences (12 distinct tokens repeated), ~5 s on one thread.
 
     By ~200 iterations the second copy's loss is near 0 and two layer-0 heads score ~0.85 on
-    the induction probe. With the repeat always at the same offset they are *positional*
+    the induction prompts. With the repeat always at the same offset they are *positional*
     heads (attend 11 back), not content-based induction heads: the notebook shows how to
     tell. For the tests that is fine: a real trained model with heads that carry the answer.
     """

@@ -46,7 +46,7 @@ def test_rows_equal_the_sweeps_and_no_file_is_written(sweep, tmp_path, monkeypat
         pd.testing.assert_frame_equal(got, want)
     assert set(fast["metric"]) == {"induction_score", "previous_token_score", "icl_score", "icl_score_repeats",
                                    "text_loss", "induction_loss_first", "induction_loss_second", "val_loss"}
-    # another probe seed: other probes, other values
+    # another prompt seed: other prompts, other values
     base = rows[8][rows[8]["metric"] == "induction_score"]["value"].to_numpy()
     assert not (fast[fast["metric"] == "induction_score"]["value"].to_numpy() == base).all()
 
@@ -59,7 +59,7 @@ def test_a_bare_model_needs_text_and_gives_the_checkpoints_head_scores(sweep):
     from_model = analyze_checkpoint(model, suite="fast", data=DATA)
     from_dict = analyze_checkpoint(ckpt, suite="fast")
     assert set(from_model["run"]) == {"model"} and set(from_model["step"]) == {-1}
-    # token counts differ (a bare model has none), so random probes draw from other tokens; the
+    # token counts differ (a bare model has none), so random prompts draw from other tokens; the
     # text metrics see the same validation windows and agree exactly
     for metric in ("previous_token_score", "icl_score", "text_loss"):
         a = from_model[from_model["metric"] == metric]["value"].to_numpy()
@@ -67,7 +67,7 @@ def test_a_bare_model_needs_text_and_gives_the_checkpoints_head_scores(sweep):
         assert a.tolist() == b.tolist(), metric
     val = load_data(**DATA).val
     with_tokens = analyze_checkpoint(model, suite="fast", val_tokens=val)
-    # data= also gives the training text's token counts (the probes' tokens); bare token ids do
+    # data= also gives the training text's token counts (the prompts' tokens); bare token ids do
     # not, so only the text metrics must agree
     text = with_tokens["metric"].isin(["previous_token_score", "icl_score", "text_loss"])
     pd.testing.assert_frame_equal(with_tokens[text].reset_index(drop=True),

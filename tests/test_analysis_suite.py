@@ -1,4 +1,4 @@
-"""The suite's probes: the training-distribution text windows behind ``icl_score_repeats``."""
+"""The suite's prompts: the training-distribution text windows behind ``icl_score_repeats``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from induction_dynamics.analysis.config import SuiteConfig
-from induction_dynamics.analysis.suite import make_probes, run_suite
+from induction_dynamics.analysis.suite import make_prompts, run_suite
 from induction_dynamics.data import load_data
 from induction_dynamics.interpretability import metrics as M
 from induction_dynamics.model import GPT, GPTConfig
@@ -15,9 +15,9 @@ DATA = load_data("synthetic", synthetic_vocab_size=26, synthetic_tokens=20_000, 
 T = 32
 
 
-def probes(data_config=None, seed=5, windows=64):
-    return make_probes(SuiteConfig(text_windows=windows), vocab_size=26, block_size=T, token_counts=DATA.counts,
-                       val_tokens=DATA.val, seed=seed, data_config=data_config)
+def prompts(data_config=None, seed=5, windows=64):
+    return make_prompts(SuiteConfig(text_windows=windows), vocab_size=26, block_size=T, token_counts=DATA.counts,
+                        val_tokens=DATA.val, seed=seed, data_config=data_config)
 
 
 def is_val_substring(row: torch.Tensor) -> bool:
@@ -38,32 +38,32 @@ def longest_copy(row: torch.Tensor) -> tuple[int, int, int]:
 
 
 def test_without_a_curriculum_the_repeat_windows_are_plain_validation_text():
-    p = probes(None)
+    p = prompts(None)
     assert p.repeats["frac"] == 0.0 and p.info()["text_repeats"] == p.repeats
     assert p.text_repeats.shape == (64, T)
     assert all(is_val_substring(row) for row in p.text_repeats)
-    assert not torch.equal(p.text_repeats, p.text)  # other windows than the plain-text probe
+    assert not torch.equal(p.text_repeats, p.text)  # other windows than the plain-text prompt
 
 
 @pytest.mark.parametrize("kind", ["random", "unigram"])
 def test_repeat_windows_carry_the_runs_curriculum(kind):
     cfg = {"repeat_frac": 1.0, "repeat_kind": kind, "repeat_min": 6, "repeat_max": 10}
-    p = probes(cfg)
+    p = prompts(cfg)
     assert p.repeats == {"frac": 1.0, "kind": kind, "min_len": 6, "max_len": 10}
     # every window holds [x, x] with 6 <= |x| <= 10: a copy at distance |x| of >= 5 tokens (the
     # last one may be cut with the window's final token, as in training); plain synthetic text
     # almost never has a copy of 4
     copies = [longest_copy(row) for row in p.text_repeats]
     assert min(m for m, _, _ in copies) >= 5 and all(6 <= d <= 10 for _, _, d in copies)
-    assert max(longest_copy(row)[0] for row in probes(None).text_repeats) <= 3
-    assert torch.equal(probes(cfg).text_repeats, p.text_repeats)  # fixed by the analysis seed
-    assert not torch.equal(probes(cfg, seed=6).text_repeats, p.text_repeats)
+    assert max(longest_copy(row)[0] for row in prompts(None).text_repeats) <= 3
+    assert torch.equal(prompts(cfg).text_repeats, p.text_repeats)  # fixed by the analysis seed
+    assert not torch.equal(prompts(cfg, seed=6).text_repeats, p.text_repeats)
 
 
 def test_icl_score_repeats_is_the_icl_score_on_the_repeat_windows():
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=T, vocab_size=26, dropout=0.0)).eval()
-    p = probes({"repeat_frac": 1.0, "repeat_kind": "random", "repeat_min": 6, "repeat_max": 10})
+    p = prompts({"repeat_frac": 1.0, "repeat_kind": "random", "repeat_min": 6, "repeat_max": 10})
     rows, _ = run_suite(model, p, ["icl", "icl_repeats"])
     values = {m: v for m, _, _, v in rows}
     assert values["icl_score_repeats"] == pytest.approx(M.icl_score(model, p.text_repeats, p.icl_early, p.icl_late))

@@ -99,7 +99,7 @@ def test_table_has_every_metric_checkpoint_and_head(analysed):
         tokens = pd.read_parquet(root / run / "analysis" / "token_losses.parquet")
         assert list(tokens["step"]) == [0, 4, 8, 12] and tokens.filter(like="tok_").shape[1] == 16 * 31
         info = json.loads((root / run / "analysis" / "run_info.json").read_text())
-        assert info["probes"]["icl_late"] > info["probes"]["icl_early"] >= 0
+        assert info["prompts"]["icl_late"] > info["prompts"]["icl_early"] >= 0
         assert json.loads((root / run / "analysis" / "errors.json").read_text()) == []
     phase = pd.read_csv(root / "analysis" / "phase_change.csv")
     assert set(zip(phase["run"], phase["metric"])) == {(r, m) for r in ("seed0", "seed1")

@@ -54,7 +54,7 @@ def check_analysis_run(run_dir, *, steps, seed, group, project):
         if r["type"] == "summary":
             summary.update(r["summary"].get("update", {}))
     assert "analysis/phase/induction_score_max/detected" in summary
-    assert summary["analysis/probes/icl_late"] > summary["analysis/probes/icl_early"]
+    assert summary["analysis/prompts/icl_late"] > summary["analysis/prompts/icl_early"]
     return run, items
 
 

@@ -10,7 +10,7 @@ import torch
 from conftest import HAND_BLOCK, HAND_VOCAB
 from induction_dynamics.analysis.config import SuiteConfig
 from induction_dynamics.analysis.pipeline import analyze
-from induction_dynamics.analysis.suite import _pair_rows, make_probes, run_suite
+from induction_dynamics.analysis.suite import _pair_rows, make_prompts, run_suite
 from induction_dynamics.analysis.table import induction_circuit, make_frame, metric_family, pair_table
 from induction_dynamics.interpretability import composition as C
 from induction_dynamics.data import load_data
@@ -103,9 +103,9 @@ def test_equal_to_transformer_lens_all_composition_scores():
 
 def test_table_rows_round_trip_and_pick_the_circuit(hand_model):
     data = load_data("synthetic", synthetic_vocab_size=HAND_VOCAB, synthetic_tokens=5_000, seed=0)
-    probes = make_probes(SuiteConfig(), vocab_size=HAND_VOCAB, block_size=HAND_BLOCK, token_counts=data.counts,
-                         val_tokens=data.val, seed=0)
-    rows, _ = run_suite(hand_model, probes, ["induction", "previous_token", "composition"])
+    prompts = make_prompts(SuiteConfig(), vocab_size=HAND_VOCAB, block_size=HAND_BLOCK, token_counts=data.counts,
+                           val_tokens=data.val, seed=0)
+    rows, _ = run_suite(hand_model, prompts, ["induction", "previous_token", "composition"])
     df = make_frame([{"run": "r", "seed": 0, "step": 10, "tokens_seen": 0, "metric": m, "layer": l, "head": h,
                       "value": v} for m, l, h, v in rows])
     assert {metric_family(m) for m in df["metric"]} == {"induction_score", "previous_token_score", "q_composition",

@@ -1,5 +1,6 @@
 """Configuration: composed defaults, the documented keys, and one-line errors for bad input."""
 
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,8 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from train_helpers import ROOT, TINY, cli_env, compose_cfg, run_train
 
 from induction_dynamics.checkpoint import resume_path, save_atomic
-from induction_dynamics.config import ConfigError, run_names, validate
+from induction_dynamics.config import (ConfigError, check_renamed_overrides, default_config, run_names,
+                                       upgrade_saved_config, validate)
 from induction_dynamics.trainer import train
 
 # the key names the issue fixes (documentation and users' scripts rely on them)
@@ -20,8 +22,8 @@ DOCUMENTED = ["seed", "model.n_layer", "model.n_head", "model.n_embd", "model.bl
               "data.synthetic_vocab_size", "train.max_iters", "train.batch_size", "train.grad_accum",
               "train.eval_every", "train.eval_iters", "train.device", "train.compile", "train.resume", "optim.lr",
               "optim.min_lr", "optim.warmup_iters", "optim.lr_decay_iters", "optim.weight_decay", "optim.beta1",
-              "optim.beta2", "optim.grad_clip", "checkpoint.every", "checkpoint.schedule", "probe.every",
-              "probe.seq_len", "probe.batch_size", "wandb.mode", "wandb.project", "wandb.group", "wandb.name"]
+              "optim.beta2", "optim.grad_clip", "checkpoint.every", "checkpoint.schedule", "monitor.every",
+              "monitor.seq_len", "monitor.batch_size", "wandb.mode", "wandb.project", "wandb.group", "wandb.name"]
 
 
 def test_default_config_is_small_cpu_model_on_shakespeare():
@@ -29,7 +31,7 @@ def test_default_config_is_small_cpu_model_on_shakespeare():
     absent = object()
     assert [k for k in DOCUMENTED if OmegaConf.select(cfg, k, default=absent) is absent] == []
     assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size) == (2, 4, 64, 64)
-    assert cfg.data.name == "shakespeare" and cfg.wandb.mode == "offline" and cfg.probe.enabled
+    assert cfg.data.name == "shakespeare" and cfg.wandb.mode == "offline" and cfg.monitor.enabled
     assert (cfg.train.batch_size, cfg.optim.lr) == (32, 1e-3)
     validate(cfg)
 
@@ -53,11 +55,11 @@ def test_experiment_and_groups_compose():
     assert (text.data.repeat_kind, text.train.max_iters, text.wandb.group) == ("unigram", 6000, "quickstart_text")
     assert quick.data.repeat_kind == "random"
     # everything else is the quickstart's recipe
-    for key in ("model", "optim", "checkpoint", "probe"):
+    for key in ("model", "optim", "checkpoint", "monitor"):
         assert text[key] == quick[key], key
     assert (text.data.repeat_frac, text.train.batch_size) == (quick.data.repeat_frac, quick.train.batch_size)
     validate(text)
-    assert compose_cfg(["probe=off"]).probe.enabled is False
+    assert compose_cfg(["monitor=off"]).monitor.enabled is False
     assert compose_cfg(["wandb=disabled"]).wandb.mode == "disabled"
 
 
@@ -74,10 +76,10 @@ BAD = {  # override -> words the one-line message must contain
     "model.n_embd=65": "not divisible",
     "train.eval_every=0": "train.eval_every must be positive",
     "checkpoint.every=-5": "checkpoint.every must be positive",
-    "probe.every=0": "probe.every must be positive",
+    "monitor.every=0": "monitor.every must be positive",
     "train.log_every=0": "train.log_every must be positive",
-    "probe.seq_len=40": "shorter than the probe",
-    "model.block_size=16": "shorter than the probe",
+    "monitor.seq_len=40": "shorter than the monitor",
+    "model.block_size=16": "shorter than the monitor",
     "optim.min_lr=1": "optim.min_lr",
     "data.repeat_frac=0.5 data.repeat_max=40": "does not fit",
 }
@@ -104,8 +106,8 @@ CLI_BAD = [  # the issue's list: each exits non-zero with one line, before any w
     (["model.n_embd=65", "model.n_head=4"], ["n_embd=65", "not divisible", "n_head=4"]),
     (["train.eval_every=0"], ["train.eval_every", "positive"]),
     (["checkpoint.every=0"], ["checkpoint.every", "positive"]),
-    (["probe.every=-1"], ["probe.every", "positive"]),
-    (["probe.seq_len=40"], ["block_size=64", "probe.seq_len"]),
+    (["monitor.every=-1"], ["monitor.every", "positive"]),
+    (["monitor.seq_len=40"], ["block_size=64", "monitor.seq_len"]),
     (["data=text_file", "data.path=/no/such/file.txt"], ["not found", "/no/such/file.txt"]),
     (["model=gpt5"], ["model/gpt5", "baby_shakespeare", "small"]),  # unknown group option
     (["experiment=nope"], ["experiment/nope"]),
@@ -115,6 +117,9 @@ CLI_BAD = [  # the issue's list: each exits non-zero with one line, before any w
     (["data.repeat_kind=bogus"], ["repeat_kind", "bogus", "random, passage, mixed, unigram"]),
     (["wandb.mode=sideways"], ["sideways", "online, offline, disabled"]),
     (["checkpoint.schedule=weekly"], ["weekly", "linear, log"]),
+    # renamed keys: the old name points at the new one
+    (["probe.every=50"], ["probe.every=50", "'monitor'", "use monitor.every=50"]),
+    (["probe=off"], ["probe=off", "use monitor=off"]),
 ]
 
 
@@ -142,6 +147,23 @@ def test_cli_refuses_malicious_resume_file_without_running_it(tmp_path):
     with pytest.raises(Exception, match="cannot read checkpoint"):
         train(compose_cfg(TINY + ["train.resume=true"]), run_dir=run_dir)
     assert not marker.exists()
+
+
+def test_renamed_keys_on_the_command_line_and_in_saved_configs():
+    for arg, new in [("probe.seq_len=8", "monitor.seq_len=8"), ("+probe.x=1", "+monitor.x=1"),
+                     ("probe=off", "monitor=off"), ("probe.every=5,10", "monitor.every=5,10")]:
+        with pytest.raises(ConfigError, match=f"use {re.escape(new)}$"):
+            check_renamed_overrides(["-m", "seed=0", arg])
+    check_renamed_overrides(["monitor.every=5", "monitor=off", "--cfg", "job", "hydra.job.name=probe"])
+
+    old = {"seed": 0, "probe": {"enabled": True, "every": 7}, "wandb": {"mode": "offline"}}
+    new = upgrade_saved_config(old)
+    assert list(new) == ["seed", "monitor", "wandb"] and new["monitor"] == {"enabled": True, "every": 7}
+    assert "probe" in old  # the caller's dict is left as it was
+    assert upgrade_saved_config(new) == new
+    assert upgrade_saved_config({"probe": {"every": 1}, "monitor": {"every": 2}}) == {"monitor": {"every": 2}}
+    merged = OmegaConf.merge(default_config(), new)  # the schema takes the mapped config
+    assert merged.monitor.every == 7
 
 
 def test_run_names_carry_the_seed_and_the_group():

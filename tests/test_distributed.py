@@ -24,7 +24,7 @@ from induction_dynamics.model import GPT, GPTConfig
 # grad_accum=2: the no_sync micro-step and the synchronised one are both exercised
 DDP = [*TINY, "train.grad_accum=2"]
 LONG = [*DDP, "train.max_iters=200", "train.eval_every=50", "train.log_every=50", "checkpoint.every=50",
-        "probe.every=50"]
+        "monitor.every=50"]
 
 
 def torchrun_cmd(args, nproc=2):
@@ -105,7 +105,7 @@ def test_torchrun_two_processes_write_one_run_dir(tmp_path):
     assert sum(r["type"] == "run" for r in records) == 1
     assert [h["iter"] for h in history if "train/loss" in h] == [5, 10, 15, 20]
     assert [h["iter"] for h in history if "val/loss" in h] == [0, 10, 20]
-    assert [h["iter"] for h in history if "probe/induction_score_max" in h] == [0, 10, 20]
+    assert [h["iter"] for h in history if "monitor/induction_score_max" in h] == [0, 10, 20]
 
 
 # ------------------------------------------------------------------ slow

@@ -18,7 +18,7 @@ def others(scores: torch.Tensor, head: tuple[int, int]) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def probes():
+def prompts():
     g = torch.Generator().manual_seed(0)
     allowed = torch.arange(HAND_VOCAB)
     return {
@@ -28,31 +28,31 @@ def probes():
     }
 
 
-def test_hand_built_heads_score_as_designed(hand_model, probes):
+def test_hand_built_heads_score_as_designed(hand_model, prompts):
     L = HAND_BLOCK // 2
-    ind = M.induction_scores(hand_model, probes["rep"], L)
+    ind = M.induction_scores(hand_model, prompts["rep"], L)
     assert ind[IND] >= 0.9 and others(ind, IND).max() <= 0.1
-    pm = M.prefix_matching_scores(hand_model, probes["rep4"], HAND_BLOCK // 4)
+    pm = M.prefix_matching_scores(hand_model, prompts["rep4"], HAND_BLOCK // 4)
     assert pm[IND] >= 0.9 and others(pm, IND).max() <= 0.1
-    prev = M.previous_token_scores(hand_model, probes["text"])
+    prev = M.previous_token_scores(hand_model, prompts["text"])
     assert prev[PREV] >= 0.9 and others(prev, PREV).max() <= 0.1
     # no head of this circuit attends to earlier copies of the *same* token
-    assert M.duplicate_token_scores(hand_model, probes["rep"], L).max() <= 0.1
+    assert M.duplicate_token_scores(hand_model, prompts["rep"], L).max() <= 0.1
     # the induction head copies what it attends to; nothing else writes to the logits
-    cp = M.copying_scores(hand_model, probes["rep"])
+    cp = M.copying_scores(hand_model, prompts["rep"])
     assert cp[IND] >= 0.9 and others(cp, IND).abs().max() <= 0.1
     ov = M.ov_copying_scores(hand_model)
     assert ov[IND] >= 0.9 and others(ov, IND).abs().max() <= 0.1
-    first, second = M.repeated_sequence_loss(hand_model, probes["rep"], L)
+    first, second = M.repeated_sequence_loss(hand_model, prompts["rep"], L)
     assert second < 0.1 < 2.0 < first
 
 
-def test_anti_copying_head_scores_negative(hand_model, probes):
+def test_anti_copying_head_scores_negative(hand_model, prompts):
     flipped = GPT(hand_model.config)
     flipped.load_state_dict(hand_model.state_dict())
     with torch.no_grad():
         flipped.transformer.h[1].attn.c_proj.weight.neg_()  # the head now suppresses what it attends to
-    assert M.copying_scores(flipped.eval(), probes["rep"])[IND] <= -0.9
+    assert M.copying_scores(flipped.eval(), prompts["rep"])[IND] <= -0.9
     assert M.ov_copying_scores(flipped)[IND] <= -0.9
 
 
@@ -67,7 +67,7 @@ def test_scores_from_ideal_and_uniform_patterns():
     uniform = (uniform / uniform.sum(-1, keepdim=True))[None, None]
     expected = sum(1 / (i + 1) for i in range(L, T)) / L
     assert M.induction_score_from_pattern(uniform, L).item() == pytest.approx(expected)
-    # duplicate-token and prefix-matching targets on the same probe
+    # duplicate-token and prefix-matching targets on the same prompt
     dup = M._earlier_same_token(tokens)
     assert dup.sum() == L and all(dup[0, i, i - L] for i in range(L, T))
     patterns = uniform[None]  # (n_layer=1, B=1, nh=1, T, T)
@@ -109,8 +109,8 @@ def test_copying_direct_effect_matches_a_head_ablation_readout():
         torch.testing.assert_close(z[:, :, h] @ w_o[h], via_proj)
 
 
-def test_loss_measures(hand_model, probes):
-    tokens = probes["rep"]
+def test_loss_measures(hand_model, prompts):
+    tokens = prompts["rep"]
     losses = M.per_token_losses(hand_model, tokens)
     assert losses.shape == (8, HAND_BLOCK - 1)
     _, mean_loss = hand_model(tokens[:, :-1], tokens[:, 1:].contiguous())

@@ -92,7 +92,7 @@ def test_llc_metric_through_the_sweep(tmp_path):
     llc = table[table.metric == "llc"].set_index("step")["value"]
     assert sorted(llc.index) == [0, 6, 12] and llc.notna().all()
     assert (table.loc[table.metric == "llc_std", "value"] >= 0).all()
-    info = json.loads((run_dir / "analysis" / "run_info.json").read_text())["probes"]["llc"]
+    info = json.loads((run_dir / "analysis" / "run_info.json").read_text())["prompts"]["llc"]
     assert info == {"lr": 3e-4, "localization": 300.0, "n_beta": pytest.approx(default_n_beta(8)), "num_chains": 2,
                     "num_draws": 10, "num_burnin_steps": 0, "batch_size": 8, "seed": 1234, "windows": 32}
     assert (run_dir / "plots" / "llc.png").stat().st_size > 10_000

@@ -16,7 +16,7 @@ from induction_dynamics.checkpoint import list_checkpoints, load_checkpoint
 from induction_dynamics.cli import thread_budget
 from induction_dynamics.distributed import cpu_cores
 
-SWEEP = [*TINY, "train.max_iters=6", "train.eval_every=3", "checkpoint.every=3", "probe.every=3"]
+SWEEP = [*TINY, "train.max_iters=6", "train.eval_every=3", "checkpoint.every=3", "monitor.every=3"]
 
 
 def sweep_env():

@@ -5,7 +5,7 @@ by side on one thread each, analyses both histories with ``analyze_checkpoints.p
 fast suite, 2,048 held-out validation windows for the ICL score) and asserts, from the
 analysis tables:
 
-- the max induction score on ``[x, x]`` probes is < 0.05 at step 0 and > 0.3 at the end, with
+- the max induction score on ``[x, x]`` prompts is < 0.05 at step 0 and > 0.3 at the end, with
   a phase window found by the detector (analysis/phase_change.csv);
 - the ICL score on held-out stdlib text (loss at token 62 minus token 6) falls across the
   window (mean of the 3 checkpoints from the first one above 0.3, minus the 3 up to the last

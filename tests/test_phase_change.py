@@ -40,7 +40,7 @@ from induction_dynamics.interpretability import metrics as M
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-PROBE_BATCH = 64  # [x, x] sequences per induction measurement
+PROMPT_BATCH = 64  # [x, x] sequences per induction measurement
 TEXT_WINDOWS = 1024  # validation windows for the ICL score: its change is a few hundredths of a nat
 ICL_CHECKPOINTS = 5  # ICL before/after the window: mean over this many checkpoints (less jitter)
 ICL_MARGIN = 0.02  # nats by which the ICL change must beat the control's (seed 0 measured: 0.05)
@@ -63,10 +63,10 @@ def curve(run_dir: Path) -> list[dict]:
     cfg, T = first["config"], first["model_args"]["block_size"]
     d = cfg["data"]
     data = load_data(d["name"], path=d["path"], cache_dir=d["cache_dir"], val_frac=d["val_frac"])
-    allowed = M.probe_token_ids(data.vocab_size, data.counts)
-    g = torch.Generator().manual_seed(2024)  # the same probes for every checkpoint
+    allowed = M.repeat_token_ids(data.vocab_size, data.counts)
+    g = torch.Generator().manual_seed(2024)  # the same prompts for every checkpoint
     L = min(32, T // 2, len(allowed))
-    probe = M.repeated_random_tokens(allowed, L, PROBE_BATCH, generator=g)  # (B, 2L)
+    prompts = M.repeated_random_tokens(allowed, L, PROMPT_BATCH, generator=g)  # (B, 2L)
     starts = torch.randint(0, len(data.val) - T, (TEXT_WINDOWS,), generator=g)
     text = torch.stack([data.val[s:s + T] for s in starts.tolist()])  # (W, T) real text
     # the training distribution: the same validation split with the run's repeat curriculum,
@@ -77,8 +77,8 @@ def curve(run_dir: Path) -> list[dict]:
     rows = []
     for step, path in ckpts:
         model = model_from_checkpoint(load_checkpoint(path))
-        first_copy, second_copy = M.repeated_sequence_loss(model, probe, L)
-        rows.append(dict(step=step, induction=M.induction_scores(model, probe, L).max().item(),
+        first_copy, second_copy = M.repeated_sequence_loss(model, prompts, L)
+        rows.append(dict(step=step, induction=M.induction_scores(model, prompts, L).max().item(),
                          first=first_copy, second=second_copy, icl=M.icl_score(model, text, early, late),
                          icl_repeats=M.icl_score(model, text_repeats, early, late)))
     return rows

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from induction_dynamics.analysis import analyze_checkpoint
+from induction_dynamics.analysis.sweep import train_config_of
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pre_rename_run"
 STEPS = (100, 300)
@@ -38,6 +39,8 @@ def test_old_checkpoint_loads_weights_only(step):
     ckpt = torch.load(checkpoint(step), map_location="cpu", weights_only=True)
     assert ckpt["step"] == step and "model" in ckpt
     assert "probe" in ckpt["config"]  # written before the rename: the old key
+    config = train_config_of(ckpt, None)  # as the analysis reads it: today's names
+    assert "probe" not in config and config["monitor"] == ckpt["config"]["probe"]
 
 
 def test_old_checkpoints_analyse_to_the_old_table():

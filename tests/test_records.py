@@ -80,7 +80,7 @@ def test_kill_9_then_resume_continues_the_same_wandb_run(tmp_path):
     assert iters(history, "train/loss") == list(range(5, 121, 5))
     assert iters(history, "train/grad_norm") == list(range(5, 121, 5))
     assert iters(history, "val/loss") == list(range(0, 121, 10))
-    assert iters(history, "probe/induction_score_max") == list(range(0, 121, 10))
+    assert iters(history, "monitor/induction_score_max") == list(range(0, 121, 10))
     assert all(h["train/grad_norm"] > 0 for h in history if "train/grad_norm" in h)
 
 
@@ -155,7 +155,7 @@ def test_changed_metric_code_is_analysed_again(tmp_path, monkeypatch):
 def test_a_failing_metric_is_a_metric_error_and_the_others_are_kept(tmp_path, monkeypatch):
     run_dir = make_run(tmp_path / "run", 0, steps=(0, 4))
 
-    def broken(model, probes):
+    def broken(model, prompts):
         raise RuntimeError("shapes do not match\nsecond line of detail")
 
     monkeypatch.setitem(suite_mod.METRIC_ROWS, "copying", broken)

@@ -192,7 +192,7 @@ def test_nanogpt_char_folder_trains_and_is_analysed(tmp_path):
     assert (table.loc[table.metric == "text_loss", "value"] < np.log(meta["vocab_size"]) + 1).all()
 
 
-def test_nanogpt_gpt2_folder_pads_the_vocabulary_and_probes_only_used_tokens(tmp_path):
+def test_nanogpt_gpt2_folder_pads_the_vocabulary_and_prompts_only_used_tokens(tmp_path):
     folder = tmp_path / "shakespeare"
     train_ids = write_nanogpt_bpe(folder)
     data = load_data("nanogpt", data_dir=folder)
@@ -207,7 +207,7 @@ def test_nanogpt_gpt2_folder_pads_the_vocabulary_and_probes_only_used_tokens(tmp
     assert tokenizer_from_checkpoint(ckpt).vocab_size == 50257
     res = analyse(run)
     allowed = set(range(50304))
-    info = res["results"][0].info["probes"]
+    info = res["results"][0].info["prompts"]
     used = set(np.unique(train_ids).tolist())
     assert info["n_allowed_tokens"] <= len(used) < len(allowed)
     table = res["results"][0].table

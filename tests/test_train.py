@@ -10,7 +10,7 @@ from train_helpers import TINY, cli_env, compose_cfg, run_train, train_then_kill
 from induction_dynamics.checkpoint import (history_path, history_steps, list_checkpoints, load_checkpoint,
                                            resume_path)
 from induction_dynamics.model import GPT, GPTConfig
-from induction_dynamics.probe import InductionProbe
+from induction_dynamics.monitor import InductionMonitor
 from induction_dynamics.trainer import TrainingError, get_lr, train
 
 
@@ -34,7 +34,7 @@ def test_train_py_writes_run_dir_and_wandb_records(tmp_path, data_cache):
     run_dir = tmp_path / "run"
     args = ["model.n_layer=1", "model.n_embd=32", "model.block_size=32", "train.batch_size=8",
             "train.max_iters=20", "train.eval_every=10", "train.eval_iters=2", "train.log_every=5",
-            "checkpoint.every=10", "probe.every=5", "probe.seq_len=8", "probe.batch_size=4", "seed=7",
+            "checkpoint.every=10", "monitor.every=5", "monitor.seq_len=8", "monitor.batch_size=4", "seed=7",
             f"hydra.run.dir={run_dir}"]
     p = run_train(args, env=cli_env(INDUCTION_DYNAMICS_CACHE=str(data_cache)))
     assert p.returncode == 0, p.stderr[-3000:]
@@ -66,8 +66,8 @@ def test_train_py_writes_run_dir_and_wandb_records(tmp_path, data_cache):
     assert iters("train/loss") == [5, 10, 15, 20]
     assert iters("train/lr") == [5, 10, 15, 20] and iters("train/tokens_per_sec") == [5, 10, 15, 20]
     assert iters("val/loss") == [0, 10, 20] and iters("train/eval_loss") == [0, 10, 20]
-    for key in ["probe/induction_score_max", "probe/loss_first_copy", "probe/loss_second_copy"] + \
-               [f"probe/induction_score/L0H{h}" for h in range(4)]:
+    for key in ["monitor/induction_score_max", "monitor/loss_first_copy", "monitor/loss_second_copy"] + \
+               [f"monitor/induction_score/L0H{h}" for h in range(4)]:
         assert iters(key) == [0, 5, 10, 15, 20], key
     first = next(h for h in history if "val/loss" in h)["val/loss"]
     assert abs(first - math.log(len(load_checkpoint(history_path(run_dir, 0))["vocab"]))) < 0.1  # untrained
@@ -84,7 +84,7 @@ def test_same_seed_same_weights_bitwise(tmp_path):
         assert same_weights(weights(history_path(tmp_path / "a", step)), weights(history_path(tmp_path / "b", step)))
         assert not same_weights(weights(history_path(tmp_path / "a", step)),
                                 weights(history_path(tmp_path / "c", step)))
-    assert a["val_loss"] == b["val_loss"] and a["probe"] == b["probe"]
+    assert a["val_loss"] == b["val_loss"] and a["monitor"] == b["monitor"]
     assert a["tokens_seen"] == 30 * 8 * 32
 
 
@@ -118,6 +118,25 @@ def test_resume_uses_saved_config_and_warns(tmp_path, caplog):
                     run_dir=tmp_path)
     assert "model.n_layer" in caplog.text
     assert out["iter_num"] == 10 and same_weights(weights(history_path(tmp_path, 10)), before)
+
+
+def test_a_run_from_before_the_monitor_rename_resumes(tmp_path):
+    """resume.pt written when the monitor was the ``probe:`` block: the run continues with its
+    settings, under today's names, to the weights of an uninterrupted run."""
+    common = TINY + ["optim.warmup_iters=4", "optim.lr_decay_iters=20"]  # one lr schedule, stopped at 10 or 20
+    whole = train(compose_cfg(common + ["train.max_iters=20"]), run_dir=tmp_path / "whole")
+    train(compose_cfg(common + ["train.max_iters=10"]), run_dir=tmp_path / "old")
+    state = load_checkpoint(resume_path(tmp_path / "old"))
+    config = state["config"]
+    config["probe"] = config.pop("monitor")  # the saved config of a run from before the rename
+    config["train"]["max_iters"] = 20
+    torch.save(state, resume_path(tmp_path / "old"))
+
+    out = train(compose_cfg(common + ["train.max_iters=10", "train.resume=true"]), run_dir=tmp_path / "old")
+    assert out["iter_num"] == 20 and out["monitor"] == whole["monitor"]
+    assert same_weights(weights(history_path(tmp_path / "old", 20)), weights(history_path(tmp_path / "whole", 20)))
+    saved = load_checkpoint(history_path(tmp_path / "old", 20))["config"]
+    assert "probe" not in saved and saved["monitor"] == config["probe"]
 
 
 def test_resume_without_resume_file_starts_fresh(tmp_path, caplog):
@@ -173,32 +192,32 @@ def test_nan_loss_stops_with_clear_error_and_keeps_good_checkpoints(tmp_path):
     assert len(errors) == 1 and "last good checkpoints" in errors[0]
 
 
-# ------------------------------------------------------------------ live probe
+# ------------------------------------------------------------------ live monitor
 
-def test_probe_runs_in_eval_mode_and_restores_train_mode():
+def test_monitor_runs_in_eval_mode_and_restores_train_mode():
     model = GPT(GPTConfig(block_size=32, vocab_size=30, n_layer=1, n_head=2, n_embd=32, dropout=0.1))
     seen = []
     model.register_forward_pre_hook(lambda m, args: seen.append(m.training))
-    probe = InductionProbe(30, None, seq_len=8, batch_size=4, seed=0)
+    monitor = InductionMonitor(30, None, seq_len=8, batch_size=4, seed=0)
     model.train()
-    out = probe(model)
+    out = monitor(model)
     assert seen and not any(seen) and model.training
     model.eval()
-    probe(model)
+    monitor(model)
     assert not model.training
-    assert set(out) == {"probe/induction_score_max", "probe/loss_first_copy", "probe/loss_second_copy",
-                        "probe/induction_score/L0H0", "probe/induction_score/L0H1"}
-    assert torch.equal(probe.tokens, InductionProbe(30, None, seq_len=8, batch_size=4, seed=0).tokens)
-    assert torch.equal(probe.tokens[:, :8], probe.tokens[:, 8:])
-    assert all(len(set(row[:8].tolist())) == 8 for row in probe.tokens)  # distinct tokens per half
+    assert set(out) == {"monitor/induction_score_max", "monitor/loss_first_copy", "monitor/loss_second_copy",
+                        "monitor/induction_score/L0H0", "monitor/induction_score/L0H1"}
+    assert torch.equal(monitor.tokens, InductionMonitor(30, None, seq_len=8, batch_size=4, seed=0).tokens)
+    assert torch.equal(monitor.tokens[:, :8], monitor.tokens[:, 8:])
+    assert all(len(set(row[:8].tolist())) == 8 for row in monitor.tokens)  # distinct tokens per half
 
 
-def test_probe_sees_a_hand_built_induction_head(hand_model):
+def test_monitor_sees_a_hand_built_induction_head(hand_model):
     """conftest's hand-wired previous-token + induction circuit: score ~1 on L1H0, second copy ~free."""
-    out = InductionProbe(hand_model.config.vocab_size, None, seq_len=12, batch_size=8, seed=0)(hand_model)
-    assert out["probe/induction_score/L1H0"] > 0.9 and out["probe/induction_score_max"] > 0.9
-    assert out["probe/induction_score/L1H1"] < 0.2
-    assert out["probe/loss_second_copy"] < 0.5 * out["probe/loss_first_copy"]
+    out = InductionMonitor(hand_model.config.vocab_size, None, seq_len=12, batch_size=8, seed=0)(hand_model)
+    assert out["monitor/induction_score/L1H0"] > 0.9 and out["monitor/induction_score_max"] > 0.9
+    assert out["monitor/induction_score/L1H1"] < 0.2
+    assert out["monitor/loss_second_copy"] < 0.5 * out["monitor/loss_first_copy"]
 
 
 @pytest.mark.slow  # torch.compile on CPU builds C++ kernels: about a minute

@@ -19,7 +19,7 @@ TINY = [
     "model.n_layer=1", "model.n_embd=32", "model.block_size=32",
     "train.batch_size=8", "train.max_iters=30", "train.eval_every=10", "train.eval_iters=2",
     "train.log_every=5", "train.progress=false",
-    "checkpoint.every=10", "probe.every=10", "probe.seq_len=8", "probe.batch_size=4",
+    "checkpoint.every=10", "monitor.every=10", "monitor.seq_len=8", "monitor.batch_size=4",
     "wandb.mode=disabled",
 ]
 

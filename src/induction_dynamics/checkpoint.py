@@ -8,7 +8,7 @@ A history checkpoint is nanoGPT's format without optimizer state::
      "iter_num": int, "step": int, "tokens_seen": int,
      "vocab": [str, ...] | None,     # a label per token id (the character, for characters)
      "tokenizer": {"kind": ..., ...}, # tokenizer.py state: tokenizer_from_checkpoint(ckpt)
-     "token_counts": [int, ...],     # training-text frequency of each token (probe design)
+     "token_counts": [int, ...],     # training-text frequency of each token (which tokens random repeats and prompts draw from)
      "data_source": {...},           # source and tokenizer sha256 (what the run saw)
      "config": {...resolved config as plain dict...},
      "val_loss": float | None}

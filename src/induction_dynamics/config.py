@@ -2,10 +2,10 @@
 
 The dataclasses give every key a type and a default; ``conf/config.yaml`` composes them
 with the YAML groups under ``conf/`` (``model/``, ``data/``, ``optim/``, ``checkpoint/``,
-``probe/``, ``wandb/``, ``experiment/``). A typo in a key or a value of the wrong type is
+``monitor/``, ``wandb/``, ``experiment/``). A typo in a key or a value of the wrong type is
 rejected by OmegaConf when the config is composed (option strings are the Enums of
 ``options.py``, so a bad value is rejected there too); ``validate`` then checks what types
-cannot (divisibility, positive intervals, probe vs block size, data file present) and
+cannot (divisibility, positive intervals, monitor vs block size, data file present) and
 raises ``ConfigError`` with a one-line message *before* any work starts.
 
 Key names follow nanoGPT's ``train.py`` where one exists (``n_layer``, ``block_size``,
@@ -93,12 +93,12 @@ class CheckpointConfig:
 
 
 @dataclass
-class ProbeConfig:
+class MonitorConfig:
     enabled: bool = True
     every: int = 100
     seq_len: int = 20  # length of each half of [x, x]; 2*seq_len must fit the block
     batch_size: int = 16
-    seed: int = 1234  # the probe's tokens are fixed for the whole run (and across seeds)
+    seed: int = 1234  # the monitor's tokens are fixed for the whole run (and across seeds)
 
 
 @dataclass
@@ -117,7 +117,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -137,7 +137,7 @@ def _need(ok: bool, message: str) -> None:
 
 def validate(cfg: DictConfig | Any) -> None:
     """Raise ConfigError (one line) for the first invalid value; cheap, touches no data."""
-    m, d, t, o, c, p = cfg.model, cfg.data, cfg.train, cfg.optim, cfg.checkpoint, cfg.probe
+    m, d, t, o, c, mon = cfg.model, cfg.data, cfg.train, cfg.optim, cfg.checkpoint, cfg.monitor
     _need(m.n_layer >= 1 and m.n_head >= 1 and m.n_embd >= 1,
           f"model.n_layer, model.n_head and model.n_embd must be positive, got {m.n_layer}, {m.n_head}, {m.n_embd}")
     _need(m.n_embd % m.n_head == 0,
@@ -167,8 +167,8 @@ def validate(cfg: DictConfig | Any) -> None:
     for key, value in (("train.max_iters", t.max_iters), ("train.batch_size", t.batch_size),
                        ("train.grad_accum", t.grad_accum), ("train.eval_every", t.eval_every),
                        ("train.eval_iters", t.eval_iters), ("train.log_every", t.log_every),
-                       ("checkpoint.every", c.every), ("probe.every", p.every),
-                       ("probe.seq_len", p.seq_len), ("probe.batch_size", p.batch_size)):
+                       ("checkpoint.every", c.every), ("monitor.every", mon.every),
+                       ("monitor.seq_len", mon.seq_len), ("monitor.batch_size", mon.batch_size)):
         _need(value > 0, f"{key} must be positive, got {value}")
     _need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
           f"train.device={t.device!r} must be auto, cpu or cuda")
@@ -183,25 +183,59 @@ def validate(cfg: DictConfig | Any) -> None:
     _need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim.beta1/beta2 must lie in [0, 1), got {o.beta1}, {o.beta2}")
     _need(o.grad_clip >= 0, f"optim.grad_clip must be non-negative (0 disables it), got {o.grad_clip}")
 
-    _need(p.seq_len >= 2, f"probe.seq_len must be at least 2, got {p.seq_len}")
-    _need(2 * p.seq_len <= m.block_size,
-          f"model.block_size={m.block_size} is shorter than the probe's repeated sequence "
-          f"(2 * probe.seq_len = {2 * p.seq_len}); lower probe.seq_len or raise model.block_size")
+    _need(mon.seq_len >= 2, f"monitor.seq_len must be at least 2, got {mon.seq_len}")
+    _need(2 * mon.seq_len <= m.block_size,
+          f"model.block_size={m.block_size} is shorter than the monitor's repeated sequence "
+          f"(2 * monitor.seq_len = {2 * mon.seq_len}); lower monitor.seq_len or raise model.block_size")
 
 
 def validate_tokens(cfg, n_allowed: int, data_vocab_size: int | None = None) -> None:
-    """Checks that need the vocabulary: distinct tokens for the probe and for random repeats,
+    """Checks that need the vocabulary: distinct tokens for the monitor and for random repeats,
     and a model.vocab_size (if set) that holds the data's vocabulary."""
     if data_vocab_size is not None and cfg.model.vocab_size is not None:
         _need(cfg.model.vocab_size >= data_vocab_size,
               f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's {data_vocab_size} tokens")
-    if cfg.probe.enabled:
-        _need(cfg.probe.seq_len <= n_allowed,
-              f"probe.seq_len={cfg.probe.seq_len} exceeds the {n_allowed} distinct probe tokens of this vocabulary")
+    if cfg.monitor.enabled:
+        _need(cfg.monitor.seq_len <= n_allowed,
+              f"monitor.seq_len={cfg.monitor.seq_len} exceeds the {n_allowed} distinct repeat tokens of this vocabulary")
     d = cfg.data
     if d.repeat_frac > 0 and d.repeat_kind in ("random", "mixed"):
         _need(d.repeat_max <= n_allowed,
               f"data.repeat_max={d.repeat_max} exceeds the {n_allowed} distinct tokens random repeats draw from")
+
+
+# Top-level keys renamed since runs were first written (old -> new): the live induction probe
+# became the monitor, so that "probe" is not read as a linear probe. A saved run's config is
+# mapped on reading (``upgrade_saved_config``); the command line gets a one-line pointer.
+RENAMED_KEYS = {"probe": "monitor"}
+
+
+def upgrade_saved_config(saved: dict) -> dict:
+    """A saved run's config (resume.pt, a checkpoint's ``config``, config.yaml) with today's key
+    names, so that runs written before a rename still resume and analyse. A copy; order kept."""
+    out = {}
+    for key, value in saved.items():
+        new = RENAMED_KEYS.get(key)
+        if new is None:
+            out[key] = value
+        elif new not in saved:  # holding both, the new key wins
+            out[new] = value
+    return out
+
+
+def check_renamed_overrides(args) -> None:
+    """Raise ConfigError naming the new key for a command-line override of a renamed key
+    (``probe.every=50`` -> ``monitor.every=50``, ``probe=off`` -> ``monitor=off``); Hydra alone
+    would report an unknown key or group without saying what it is called now."""
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        prefix = arg[:len(arg) - len(arg.lstrip("+~"))]  # +key=, ++key=, ~key=
+        key, value = arg[len(prefix):].split("=", 1)
+        head, sep, rest = key.partition(".")
+        if head in RENAMED_KEYS:
+            new = f"{prefix}{RENAMED_KEYS[head]}{sep}{rest}={value}"
+            raise ConfigError(f"{arg}: '{head}' is now called '{RENAMED_KEYS[head]}'; use {new}")
 
 
 def run_names(cfg, experiment: str | None = None, sweep: str | None = None) -> tuple[str, str]:

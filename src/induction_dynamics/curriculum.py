@@ -11,7 +11,7 @@ Kinds of repeat, written into a fraction ``frac`` of the rows of a (B, T+1) batc
 
 - ``"random"``: a segment of ``min_len..max_len`` *distinct* tokens drawn from
   ``allowed_ids``, written at a random position and immediately repeated once
-  (the ``[x, x]`` of the TransformerLens induction probe, embedded in text).
+  (the ``[x, x]`` of the TransformerLens induction prompt, embedded in text).
 - ``"passage"``: a passage of ``min_len..max_len`` tokens of the row itself, copied to a
   random later position of the same row (Olsson et al.'s "repeated text"; it is what
   makes the head work on real text, where the in-context-learning score is measured).
@@ -64,7 +64,7 @@ def insert_repeats(windows: torch.Tensor, generator: torch.Generator, *, frac: f
 
     Each row independently carries a repeat with probability ``frac``. ``allowed_ids``
     (1-D int64) are the tokens random segments are drawn from (use
-    ``interpretability.metrics.probe_token_ids``, the vocabulary without its rarest and
+    ``interpretability.metrics.repeat_token_ids``, the vocabulary without its rarest and
     most common characters); when ``None`` the distinct tokens present in ``windows`` are
     used. ``token_weights`` (V,) are the frequencies ``"unigram"`` segments are drawn from
     (the training split's token counts); when ``None`` those of ``windows``. The input

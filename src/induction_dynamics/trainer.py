@@ -1,11 +1,11 @@
-"""``train(cfg)``: nanoGPT's training loop with a checkpoint history, exact resume and a live probe.
+"""``train(cfg)``: nanoGPT's training loop with a checkpoint history, exact resume and a live induction monitor.
 
 One pure function (``train.py`` is a thin ``@hydra.main`` around it). ``train`` sets up a
 ``Run`` (data, model, optimizer, W&B), then loops over named steps; at iteration ``it`` (the
 state after ``it`` optimizer steps), in this order::
 
     evaluate  (it % eval_every == 0 or last)  -> val/loss, train/eval_loss, W&B
-    probe     (it % probe.every == 0 or last) -> probe/*, W&B
+    monitor   (it % monitor.every == 0 or last) -> monitor/*, W&B
     save      (it in checkpoint.history_steps(...)) -> checkpoints/step_XXXXXX.pt + manifest.json;
               (history steps and evals) -> resume.pt (optimizer, RNG, data position)
     step      one optimizer step: grad_accum micro-batches, clip, AdamW, warm-up + cosine lr
@@ -16,13 +16,13 @@ only at log intervals, never per micro-step: a GPU is not stalled to print a num
 check for a non-finite loss runs there too; a checkpoint is never written from non-finite
 weights.
 
-Evaluation and the probe draw from their own generators and run in eval mode, so they never
+Evaluation and the monitor draw from their own generators and run in eval mode, so they never
 change the training trajectory: same seed -> bitwise-identical weights on CPU, and a run
 resumed from ``resume.pt`` ends with the weights of an uninterrupted one.
 
 Distributed-ready: every rank draws the same global batch (train.batch_size rows) and keeps
 its slice ``[rank*b:(rank+1)*b]``, so the data order does not depend on the number of
-processes; files, W&B and the probe belong to the main rank (``DistContext.is_main``).
+processes; files, W&B and the monitor belong to the main rank (``DistContext.is_main``).
 """
 
 from __future__ import annotations
@@ -44,13 +44,14 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from induction_dynamics import checkpoint as ckpt_io
 from induction_dynamics import run_files
-from induction_dynamics.config import ConfigError, run_names, to_plain, validate, validate_tokens
+from induction_dynamics.config import (ConfigError, run_names, to_plain, upgrade_saved_config, validate,
+                                       validate_tokens)
 from induction_dynamics.data import BatchSampler, TokenData, curriculum_args, load_run_data
 from induction_dynamics.distributed import DistContext
 from induction_dynamics.files import write_text
-from induction_dynamics.interpretability.metrics import probe_token_ids
+from induction_dynamics.interpretability.metrics import repeat_token_ids
 from induction_dynamics.model import GPT, GPTConfig
-from induction_dynamics.probe import InductionProbe
+from induction_dynamics.monitor import InductionMonitor
 from induction_dynamics.wandb_utils import WandbLogger
 
 log = logging.getLogger(__name__)
@@ -137,11 +138,11 @@ class Run:
     dist: DistContext
     device: torch.device
     data: TokenData
-    allowed: torch.Tensor               # (n_allowed,) token ids the repeats and the probe draw from
+    allowed: torch.Tensor               # (n_allowed,) token ids the repeats and the monitor draw from
     sampler: BatchSampler
-    probe: InductionProbe | None
+    monitor: InductionMonitor | None
     gptconf: GPTConfig
-    raw_model: GPT                      # the un-wrapped model: state_dict, hooks, the probe
+    raw_model: GPT                      # the un-wrapped model: state_dict, hooks, the monitor
     model: torch.nn.Module              # what the step runs: compiled and/or DDP-wrapped
     optimizer: torch.optim.Optimizer
     autocast: contextlib.AbstractContextManager
@@ -193,7 +194,7 @@ def _load_resume(cfg, run_dir: Path):
         missing = {"optimizer", "rng", "sampler", "iter_num", "tokens_seen", "config"} - set(resume)
         if missing:
             raise ckpt_io.CheckpointError(f"not a resume file (no {', '.join(sorted(missing))}): {resume_file}")
-        cfg = _resume_config(cfg, resume["config"])
+        cfg = _resume_config(cfg, upgrade_saved_config(resume["config"]))  # a run from before a rename too
         validate(cfg)
         return cfg, resume
     if cfg.train.resume:  # "resume if there is anything to resume": a fresh run dir just starts
@@ -212,16 +213,16 @@ def _setup(cfg, run_dir: Path, dist: DistContext) -> Run:
     device = dist.device or pick_device(cfg.train.device)  # under torchrun: cuda:LOCAL_RANK or cpu
     t, o = cfg.train, cfg.optim
 
-    # ---- data, probe tokens (all checks done before the first file is written)
+    # ---- data, repeat tokens (all checks done before the first file is written)
     data = load_run_data(cfg.data)
-    allowed = probe_token_ids(data.vocab_size, data.counts)  # (n_allowed,) repeats and probe draw from these
+    allowed = repeat_token_ids(data.vocab_size, data.counts)  # (n_allowed,) repeats and the monitor draw from these
     validate_tokens(cfg, len(allowed), data.vocab_size)
     if t.batch_size % dist.world_size:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {dist.world_size} processes")
     sampler = BatchSampler(data.train, t.batch_size, cfg.model.block_size, cfg.seed, **curriculum_args(cfg.data),
                            allowed_ids=allowed, token_weights=data.counts)  # unigram segments: train frequencies
-    probe = (InductionProbe(data.vocab_size, data.counts, cfg.probe.seq_len, cfg.probe.batch_size,
-                            seed=cfg.probe.seed, device=device) if cfg.probe.enabled else None)
+    monitor = (InductionMonitor(data.vocab_size, data.counts, cfg.monitor.seq_len, cfg.monitor.batch_size,
+                                seed=cfg.monitor.seed, device=device) if cfg.monitor.enabled else None)
 
     # ---- model and optimizer (seeded: same seed -> same initial weights)
     torch.manual_seed(cfg.seed)
@@ -232,7 +233,7 @@ def _setup(cfg, run_dir: Path, dist: DistContext) -> Run:
     optimizer = raw_model.configure_optimizers(o.weight_decay, o.lr, (o.beta1, o.beta2), device.type)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     run = Run(cfg=cfg, run_dir=run_dir, dist=dist, device=device, data=data, allowed=allowed, sampler=sampler,
-              probe=probe, gptconf=gptconf, raw_model=raw_model, model=raw_model, optimizer=optimizer,
+              monitor=monitor, gptconf=gptconf, raw_model=raw_model, model=raw_model, optimizer=optimizer,
               autocast=torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext(),
               plain=to_plain(cfg),
               history_steps=set(ckpt_io.history_steps(t.max_iters, cfg.checkpoint.every, cfg.checkpoint.schedule)))
@@ -286,11 +287,11 @@ def evaluate(run: Run) -> None:
         run.wb.log(metrics, step=run.iter_num, stream="eval")
 
 
-def probe(run: Run) -> None:
-    """The live induction probe on the un-compiled model (hooks need eager mode)."""
-    run.summary["probe"] = run.probe(run.raw_model)
+def monitor(run: Run) -> None:
+    """The live induction monitor on the un-compiled model (hooks need eager mode)."""
+    run.summary["monitor"] = run.monitor(run.raw_model)
     if run.wb:
-        run.wb.log(run.summary["probe"], step=run.iter_num, stream="probe")
+        run.wb.log(run.summary["monitor"], step=run.iter_num, stream="monitor")
 
 
 def save(run: Run, history: bool, val_loss) -> None:
@@ -362,7 +363,7 @@ def train(cfg, run_dir: str | Path | None = None, dist: DistContext | None = Non
     """Train a GPT as configured; write checkpoints, resume file and W&B run into ``run_dir``.
 
     ``run_dir`` defaults to Hydra's output directory. Returns a summary dict (final losses,
-    last probe metrics, checkpoint steps, tokens/s). Raises ConfigError / DataError /
+    last monitor metrics, checkpoint steps, tokens/s). Raises ConfigError / DataError /
     CheckpointError / TrainingError with one-line messages.
     """
     dist = dist or DistContext()
@@ -373,8 +374,8 @@ def train(cfg, run_dir: str | Path | None = None, dist: DistContext | None = Non
     validate(cfg)
     run = _setup(cfg, Path(run_dir), dist)
     t, main = run.cfg.train, dist.is_main
-    run.summary.update({"run_dir": str(run.run_dir), "probe": {}, "train_loss": None, "val_loss": run.last_val})
-    timing = run.summary["timing_s"] = {"eval": 0.0, "probe": 0.0, "checkpoint": 0.0}  # seconds inside the loop
+    run.summary.update({"run_dir": str(run.run_dir), "monitor": {}, "train_loss": None, "val_loss": run.last_val})
+    timing = run.summary["timing_s"] = {"eval": 0.0, "monitor": 0.0, "checkpoint": 0.0}  # seconds inside the loop
     start_iter, t_start = run.iter_num, time.perf_counter()
     run.t_log, run.it_log = t_start, run.iter_num
     bar = tqdm(total=t.max_iters, initial=run.iter_num, disable=not (main and t.progress), unit="it",
@@ -388,13 +389,13 @@ def train(cfg, run_dir: str | Path | None = None, dist: DistContext | None = Non
                 if is_eval:
                     evaluate(run)
                 t1 = time.perf_counter()
-                if run.probe is not None and main and run.due(run.cfg.probe.every):
-                    probe(run)
+                if run.monitor is not None and main and run.due(run.cfg.monitor.every):
+                    monitor(run)
                 t2 = time.perf_counter()
                 is_history = run.iter_num in run.history_steps and run.iter_num != run.resumed_at
                 if main and (is_history or is_eval):
                     save(run, is_history, run.last_val if is_eval else None)
-                for key, dt in (("eval", t1 - t0), ("probe", t2 - t1), ("checkpoint", time.perf_counter() - t2)):
+                for key, dt in (("eval", t1 - t0), ("monitor", t2 - t1), ("checkpoint", time.perf_counter() - t2)):
                     timing[key] += dt
                 if run.iter_num == t.max_iters:
                     run.summary["elapsed_s"] = time.perf_counter() - t_start  # the loop only, not W&B's finish
@@ -408,7 +409,7 @@ def train(cfg, run_dir: str | Path | None = None, dist: DistContext | None = Non
         bar.close()
         if run.wb:
             run.wb.summary({"final/val_loss": run.summary["val_loss"], "final/iter": run.iter_num,
-                            **{f"final/{k}": v for k, v in run.summary["probe"].items() if k.count("/") == 1}})
+                            **{f"final/{k}": v for k, v in run.summary["monitor"].items() if k.count("/") == 1}})
             run.wb.finish()
     summary = run.summary
     elapsed = summary["elapsed_s"]

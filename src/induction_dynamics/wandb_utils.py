@@ -9,7 +9,7 @@
   ``disabled``. All files go under ``<dir>/wandb/`` (the run directory).
 - Every key is plotted against the step metric (``iter``, the training iteration) through
   ``define_metric("*", step_metric="iter")``, so runs whose logging cadences differ
-  (train/, val/, probe/, analysis/) still line up on one x-axis.
+  (train/, val/, monitor/, analysis/) still line up on one x-axis.
 - ``online`` that cannot reach the server (no network, no API key) warns once and falls
   back to ``offline``: a quick HTTP check (5 s) catches a missing network, and
   ``Settings(init_timeout=10)`` (+ W&B's own 10 s grace) bounds a server that answers but
@@ -62,7 +62,7 @@ def _server_reachable(base_url: str, timeout: float = REACH_TIMEOUT_S) -> tuple[
     """
     result: list[tuple[bool, str]] = []
 
-    def probe():
+    def reach():
         try:
             urllib.request.urlopen(urllib.request.Request(base_url, method="HEAD"), timeout=timeout).close()
             result.append((True, ""))
@@ -71,7 +71,7 @@ def _server_reachable(base_url: str, timeout: float = REACH_TIMEOUT_S) -> tuple[
         except Exception as e:  # URLError, timeout, ValueError for a malformed URL
             result.append((False, f"{base_url}: {getattr(e, 'reason', e)}"))
 
-    t = threading.Thread(target=probe, daemon=True)
+    t = threading.Thread(target=reach, daemon=True)
     t.start()
     t.join(timeout + 1.0)
     return result[0] if result else (False, f"{base_url}: no answer within {timeout:.0f} s")

@@ -3,7 +3,7 @@
 Layers (data flows one way):
 
 - ``runs``      find run dirs, output layout, cache paths (no torch)
-- ``suite``     one model -> tidy rows, from the toolkit's metrics on fixed probes (torch)
+- ``suite``     one model -> tidy rows, from the toolkit's metrics on fixed prompts (torch)
 - ``sweep``     per-run setup, per-checkpoint cache, parallel workers (torch)
 - ``table``     the tidy schema and helpers to read curves out of it (no torch)
 - ``phase``     phase-change detection on a curve (no torch)

@@ -2,7 +2,7 @@
 checkpoints before, inside and after the phase window (numpy + matplotlib; no torch here).
 
 The sweep's worker saves every head's attention pattern on one fixed repeated sequence, the
-first row of the run's induction probe (``[x, x]``, ``Probes.induction[0]``), with each
+first row of the run's induction prompt (``[x, x]``, ``Prompts.induction[0]``), with each
 checkpoint's rows (``runs.attention_cache_path``); ``save_history`` gathers them into
 ``analysis/attention_patterns.npz``::
 

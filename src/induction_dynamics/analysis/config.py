@@ -53,7 +53,7 @@ class LLCConfig:
 @dataclass
 class SuiteConfig:
     metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
-    batch_size: int = 8               # sequences per random-token probe
+    batch_size: int = 8               # sequences per random-token prompt
     induction_seq_len: Optional[int] = None  # null: min(32, block_size // 2, allowed tokens)
     prefix_seq_len: Optional[int] = None     # null: min(25, block_size // 4, allowed tokens)
     text_windows: int = 16            # fixed validation windows of real text (block_size tokens)

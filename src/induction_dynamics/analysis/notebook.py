@@ -4,7 +4,7 @@
     rows = analyze_checkpoint("outputs/quickstart/checkpoints/step_002000.pt", suite="fast")
     table = load_results("outputs/quickstart")          # what analyze_checkpoints.py saved
 
-``analyze_checkpoint`` runs the sweep's own code on one checkpoint (``sweep.probes_for``,
+``analyze_checkpoint`` runs the sweep's own code on one checkpoint (``sweep.prompts_for``,
 ``sweep.checkpoint_rows``, with the config ``analyze_checkpoints.py`` would compose), so
 its rows equal the ones the sweep writes for that checkpoint; it writes no file.
 ``load_results`` reads only Parquet (no torch).
@@ -87,8 +87,8 @@ def analyze_checkpoint(path_or_model, suite="default", *, overrides=(), data: di
             train_config = {**train_config, "data": dict(data)}
     if step is None:
         step = int(ckpt.get("step", ckpt.get("iter_num", -1)))
-    probes = sweep.probes_for(ckpt, train_config, cfg, val_tokens=val_tokens)
-    df, _ = sweep.checkpoint_rows(model, ckpt, step, probes.to(device), metrics)
+    prompts = sweep.prompts_for(ckpt, train_config, cfg, val_tokens=val_tokens)
+    df, _ = sweep.checkpoint_rows(model, ckpt, step, prompts.to(device), metrics)
     label = run or (run_dir.resolve().name if run_dir is not None else "model")
     table = make_frame(df.assign(run=label, seed=int(train_config.get("seed", -1))))
     return table.sort_values(["step", "metric", "layer", "head"], kind="stable").reset_index(drop=True)

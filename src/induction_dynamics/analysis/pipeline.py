@@ -173,7 +173,8 @@ def _plots_only(root: Path, run_dirs: list[Path], is_sweep: bool, cfg) -> dict:
             from induction_dynamics.analysis.wandb_log import AnalysisLogger
             logger = AnalysisLogger(r.info, cfg.wandb, r.run_dir, {"analysis": _analysis_config(cfg)})
             logger.log_new(r.table)
-            logger.finish(r.table, r.phase, r.plots, r.info.get("probes", {}))
+            # run_info.json written before the analysis inputs were renamed prompts has "probes"
+            logger.finish(r.table, r.phase, r.plots, r.info.get("prompts", r.info.get("probes", {})))
     summary = _write_sweep_outputs(root, results, cfg) if is_sweep else pd.DataFrame()
     text = _report(root, results, summary, is_sweep, f"plots regenerated for {len(results)} run(s) "
                                                      f"in {time.perf_counter() - t0:.1f} s (plots_only)")
@@ -226,7 +227,7 @@ def analyze(cfg) -> dict:
             run_dirs = []
         for d in run_dirs:
             label = R.run_label(d, root)
-            if label in failed or (label in contexts and contexts[label].probes is not None):
+            if label in failed or (label in contexts and contexts[label].prompts is not None):
                 continue
             if not R.list_checkpoints(d):
                 if label not in empty:
@@ -251,11 +252,11 @@ def analyze(cfg) -> dict:
             done = set(table["step"].tolist())
             # a checkpoint that failed to load once and has rows now was retried and read fine
             ctx.errors[:] = [e for e in ctx.errors if e.get("kind") == "metric" or e["step"] not in done]
-            info = ctx.info() if ctx.probes is not None else {"run": label}
+            info = ctx.info() if ctx.prompts is not None else {"run": label}
             r = RunResult(ctx.run_dir, label, ctx.seed, ctx.shape, info, table, tokens, ctx.errors)
             _write_run_outputs(r, cfg, draw=not cfg.watch)
             results[label] = r
-            if cfg.wandb.mode != "disabled" and ctx.probes is not None and not table.empty:
+            if cfg.wandb.mode != "disabled" and ctx.prompts is not None and not table.empty:
                 if label not in loggers:
                     loggers[label] = _logger(ctx, cfg)
                 loggers[label].log_new(table)
@@ -271,7 +272,7 @@ def analyze(cfg) -> dict:
             _write_run_outputs(r, cfg)  # plots drawn once, at the end of the watch
         if r.label in loggers:
             loggers[r.label].log_images(r.attention_panels)
-            loggers[r.label].finish(r.table, r.phase, r.plots, r.info.get("probes", {}))
+            loggers[r.label].finish(r.table, r.phase, r.plots, r.info.get("prompts", {}))
     summary = _write_sweep_outputs(root, ordered, cfg) if is_sweep else pd.DataFrame()
     n_ckpt = sum(r.table["step"].nunique() for r in ordered if not r.table.empty)
     text = _report(root, ordered, summary, is_sweep,
@@ -290,7 +291,7 @@ def analyze(cfg) -> dict:
 
 def _logger(ctx, cfg):
     from induction_dynamics.analysis.wandb_log import AnalysisLogger
-    config = {"analysis": _analysis_config(cfg), "train": ctx.train_config, "probes": ctx.probes.info(),
+    config = {"analysis": _analysis_config(cfg), "train": ctx.train_config, "prompts": ctx.prompts.info(),
               "run_dir": str(ctx.run_dir), "shape": ctx.shape}
     return AnalysisLogger(ctx.info(), cfg.wandb, ctx.run_dir, config, new_run=bool(cfg.force))
 

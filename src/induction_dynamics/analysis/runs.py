@@ -13,7 +13,7 @@ folder. Per run the analysis writes::
     <run>/analysis/token_losses.parquet        per-token losses, one row per checkpoint
     <run>/analysis/attention_patterns.npz      those patterns, every checkpoint (attention.py)
     <run>/analysis/phase_change.csv            detected phase changes (one row per metric)
-    <run>/analysis/run_info.json               seed, model shape, probe sizes, W&B names
+    <run>/analysis/run_info.json               seed, model shape, prompt sizes, W&B names
     <run>/analysis/errors.json                 unreadable checkpoints and failed metrics (one line each)
     <run>/plots/*.png, *.pdf
 

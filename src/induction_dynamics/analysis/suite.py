@@ -1,14 +1,14 @@
 """The per-checkpoint metric suite: one model in, tidy rows (metric, layer, head, value) out.
 
 Every number comes from the toolkit (``induction_dynamics.interpretability``); this module
-only fixes the probe data and flattens the results. The probes are drawn once per run from
-the analysis seed (``Probes``), so every checkpoint sees the same inputs and runs with the
-same data and shape see identical probes (comparable across seeds of a sweep):
+only fixes the prompt data and flattens the results. The prompts are drawn once per run from
+the analysis seed (``Prompts``), so every checkpoint sees the same inputs and runs with the
+same data and shape see identical prompts (comparable across seeds of a sweep):
 
 - ``induction``: ``[x, x]`` with ``induction_seq_len`` distinct tokens per half, drawn from
-  ``probe_token_ids`` (the tokens the training text uses minus their rarest/commonest 10%,
+  ``repeat_token_ids`` (the tokens the training text uses minus their rarest/commonest 10%,
   from the checkpoint's ``token_counts``); also used for duplicate-token, copying and induction-loss scores.
-- ``prefix``: Olsson et al.'s prefix-matching probe, ``prefix_seq_len`` tokens x 4.
+- ``prefix``: Olsson et al.'s prefix-matching prompt, ``prefix_seq_len`` tokens x 4.
 - ``text``: ``text_windows`` fixed windows of ``block_size`` validation tokens (the
   checkpoint's ``config["data"]`` through ``data.load_data``): previous-token score, ICL
   score at positions (early, late), per-token losses (for the PCA plot).
@@ -42,15 +42,15 @@ from induction_dynamics.interpretability.llc import default_n_beta, estimate_llc
 from induction_dynamics.interpretability import logit_lens as ll
 from induction_dynamics.interpretability import metrics as M
 
-# separate generator seeds per probe kind: adding a metric never changes another's probe
-_PROBE_OFFSETS = {"induction": 0, "prefix": 1, "text": 2, "patching": 3, "text_repeats": 4, "llc": 5}
+# separate generator seeds per prompt kind: adding a metric never changes another's prompt
+_PROMPT_OFFSETS = {"induction": 0, "prefix": 1, "text": 2, "patching": 3, "text_repeats": 4, "llc": 5}
 
 
 @dataclass
-class Probes:
+class Prompts:
     """The fixed inputs of one run's analysis (CPU tensors; moved to the device once per worker)."""
 
-    allowed: torch.Tensor          # (n_allowed,) token ids random probes draw from
+    allowed: torch.Tensor          # (n_allowed,) token ids random prompts draw from
     induction: torch.Tensor        # (B, 2 * induction_seq_len)
     induction_seq_len: int
     prefix: torch.Tensor           # (B, 4 * prefix_seq_len)
@@ -74,12 +74,12 @@ class Probes:
                 "patching_len": self.patching.clean.shape[1], "text_repeats": self.repeats,
                 **({"llc": {**self.llc, "windows": self.llc_windows.shape[0]}} if self.llc else {})}
 
-    def to(self, device) -> Probes:
+    def to(self, device) -> Prompts:
         p = self.patching
-        return Probes(self.allowed.to(device), self.induction.to(device), self.induction_seq_len,
-                      self.prefix.to(device), self.prefix_seq_len, self.text.to(device), self.icl_early,
-                      self.icl_late, ap.PatchingData(p.clean.to(device), p.corrupted.to(device),
-                                                     p.answer.to(device), p.corrupted_answer.to(device)),
+        return Prompts(self.allowed.to(device), self.induction.to(device), self.induction_seq_len,
+                       self.prefix.to(device), self.prefix_seq_len, self.text.to(device), self.icl_early,
+                       self.icl_late, ap.PatchingData(p.clean.to(device), p.corrupted.to(device),
+                                                      p.answer.to(device), p.corrupted_answer.to(device)),
                       self.text_repeats.to(device), self.repeats,
                       None if self.llc_windows is None else self.llc_windows.to(device), self.llc)
 
@@ -92,18 +92,18 @@ def validate_metrics(metrics) -> list[str]:
     return metrics
 
 
-def make_probes(suite, *, vocab_size: int, block_size: int, token_counts, val_tokens: torch.Tensor,
-                seed: int, data_config: dict | None = None) -> Probes:
-    """Draw every probe of a run from ``seed`` (see the module docstring for what each is).
+def make_prompts(suite, *, vocab_size: int, block_size: int, token_counts, val_tokens: torch.Tensor,
+                 seed: int, data_config: dict | None = None) -> Prompts:
+    """Draw every prompt of a run from ``seed`` (see the module docstring for what each is).
 
     ``data_config``: the run's training ``config["data"]``; its ``repeat_*`` keys give the
     curriculum of the ``text_repeats`` windows (none when absent or ``repeat_frac`` is 0).
     """
     counts = None if token_counts is None else torch.as_tensor(token_counts)
-    allowed = M.probe_token_ids(vocab_size, counts)
+    allowed = M.repeat_token_ids(vocab_size, counts)
 
     def gen(kind):
-        return torch.Generator().manual_seed(int(seed) * 1000 + _PROBE_OFFSETS[kind])
+        return torch.Generator().manual_seed(int(seed) * 1000 + _PROMPT_OFFSETS[kind])
 
     L = suite.induction_seq_len or min(32, block_size // 2, len(allowed))
     P = suite.prefix_seq_len or min(25, block_size // 4, len(allowed))
@@ -128,18 +128,18 @@ def make_probes(suite, *, vocab_size: int, block_size: int, token_counts, val_to
     Lp = min(L, len(allowed) - 1, (T + 1) // 2)  # clean prompt 2L-1 tokens plus one spare token
     patching = ap.induction_patching_data(allowed, Lp, suite.patching_batch, gen("patching"))
     repeats, text_repeats = _repeat_windows(data_config or {}, val_tokens, T, suite.text_windows, allowed, counts,
-                                            int(seed) * 1000 + _PROBE_OFFSETS["text_repeats"])
+                                            int(seed) * 1000 + _PROMPT_OFFSETS["text_repeats"])
     llc_windows = llc = None
     if "llc" in suite.metrics:  # SGLD data from the training distribution, like text_repeats
         c = suite.llc
         _, llc_windows = _repeat_windows(data_config or {}, val_tokens, T, c.windows, allowed, counts,
-                                         int(seed) * 1000 + _PROBE_OFFSETS["llc"])
+                                         int(seed) * 1000 + _PROMPT_OFFSETS["llc"])
         llc = {"lr": c.lr, "localization": c.localization,
                "n_beta": c.n_beta if c.n_beta is not None else default_n_beta(c.batch_size),
                "num_chains": c.num_chains, "num_draws": c.num_draws, "num_burnin_steps": c.num_burnin_steps,
                "batch_size": c.batch_size, "seed": int(seed)}
-    return Probes(allowed, induction, L, prefix, P, text, int(early), int(late), patching, text_repeats, repeats,
-                  llc_windows, llc)
+    return Prompts(allowed, induction, L, prefix, P, text, int(early), int(late), patching, text_repeats, repeats,
+                   llc_windows, llc)
 
 
 def _repeat_windows(data_config: dict, val_tokens: torch.Tensor, T: int, n: int, allowed: torch.Tensor,
@@ -167,7 +167,7 @@ def _layer_rows(metric: str, values) -> list[tuple]:
     return [(metric, l, -1, float(v)) for l, v in enumerate(torch.as_tensor(values).tolist())]
 
 
-def _patching_rows(model, p: Probes) -> list[tuple]:
+def _patching_rows(model, p: Prompts) -> list[tuple]:
     """resid, attn_out, mlp_out (MLP models) and heads, from one setup forward (``patch_suite``)."""
     pd_ = p.patching
     effects = ap.patch_suite(model, pd_.clean, pd_.corrupted, pd_.answer, pd_.corrupted_answer)
@@ -176,26 +176,26 @@ def _patching_rows(model, p: Probes) -> list[tuple]:
             for row in (_head_rows if part == "heads" else _layer_rows)(names[part], values)]
 
 
-def _attribution_rows(model, p: Probes) -> list[tuple]:
+def _attribution_rows(model, p: Prompts) -> list[tuple]:
     pd_ = p.patching
     with torch.enable_grad():
         return _head_rows("attribution_patch_head", ap.attribution_patch_heads(
             model, pd_.clean, pd_.corrupted, pd_.answer, pd_.corrupted_answer))
 
 
-def _logit_lens_rows(model, p: Probes) -> list[tuple]:
+def _logit_lens_rows(model, p: Prompts) -> list[tuple]:
     lens = ll.logit_lens(model, p.patching.clean, target_position=-1, target=p.patching.answer)
     conv = ll.measure_convergence(lens)["convergence_layer"]
     return (_layer_rows("logit_lens_prob", lens.target_probs) + _layer_rows("logit_lens_rank", lens.target_ranks)
             + [("logit_lens_convergence_layer", -1, -1, float(conv))])
 
 
-def _induction_loss_rows(model, p: Probes) -> list[tuple]:
+def _induction_loss_rows(model, p: Prompts) -> list[tuple]:
     first, second = M.repeated_sequence_loss(model, p.induction, p.induction_seq_len)
     return [("induction_loss_first", -1, -1, first), ("induction_loss_second", -1, -1, second)]
 
 
-def _composition_rows(model, p: Probes) -> list[tuple]:
+def _composition_rows(model, p: Prompts) -> list[tuple]:
     rows = []
     for kind, scores in comp.all_composition_scores(model).items():
         rows += _pair_rows(f"{kind.lower()}_composition", scores)
@@ -203,7 +203,7 @@ def _composition_rows(model, p: Probes) -> list[tuple]:
     return rows + [("composition_baseline", -1, -1, comp.composition_baseline(c.n_embd, c.n_embd // c.n_head))]
 
 
-def _llc_rows(model, p: Probes) -> list[tuple]:
+def _llc_rows(model, p: Prompts) -> list[tuple]:
     with torch.enable_grad():  # SGLD steps on gradients (on devinterp's copy of the model)
         r = estimate_llc(model, p.llc_windows, **p.llc)
     return [("llc", -1, -1, r.mean), ("llc_std", -1, -1, r.std)]
@@ -232,7 +232,7 @@ METRIC_ROWS = {
 
 
 @torch.no_grad()
-def run_suite(model, probes: Probes, metrics,
+def run_suite(model, prompts: Prompts, metrics,
               errors: list[dict] | None = None) -> tuple[list[tuple], np.ndarray | None]:
     """Evaluate ``metrics`` on one model: ``([(metric, layer, head, value), ...], token losses)``.
 
@@ -246,11 +246,11 @@ def run_suite(model, probes: Probes, metrics,
     for metric in validate_metrics(metrics):
         try:
             if metric == "token_loss":
-                losses = M.per_token_losses(model, probes.text)  # (W, T-1)
+                losses = M.per_token_losses(model, prompts.text)  # (W, T-1)
                 rows.append(("text_loss", -1, -1, losses.mean().item()))
                 tokens = losses.float().reshape(-1).cpu().numpy()
             else:
-                rows += METRIC_ROWS[metric](model, probes)
+                rows += METRIC_ROWS[metric](model, prompts)
         except Exception as e:
             if errors is None:
                 raise

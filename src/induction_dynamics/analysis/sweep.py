@@ -2,7 +2,7 @@
 
 For each run: read the first readable checkpoint (model shape, vocabulary, token counts,
 training config), load its validation text (``run_data``: ``data.load_run_data(config["data"])``), draw
-the probes (``suite.make_probes``), then analyse every checkpoint that has no cache file
+the prompts (``suite.make_prompts``), then analyse every checkpoint that has no cache file
 yet. Each checkpoint's rows are written to ``analysis/cache/step_XXXXXX.parquet`` by the
 worker itself (atomically, the Parquet file last: its presence means "done"), so an
 interrupted sweep resumes where it stopped and a new checkpoint is analysed alone. An
@@ -10,7 +10,7 @@ unreadable checkpoint is reported and skipped; it is retried on the next pass.
 
 A cached result is used only when its key (``step_XXXXXX.key.json``) matches: the sha256
 and size of the checkpoint file it was computed from, and the fingerprint of the analysis
-(settings, probes, seed, and the code: package version + a hash of the modules that compute
+(settings, prompts, seed, and the code: package version + a hash of the modules that compute
 the metrics; ``cache/suite.json`` holds it with its ingredients). A checkpoint replaced under
 the same name, a changed setting or a changed metric is analysed again; nothing stale is
 reused. A checkpoint whose bytes differ from the sha256 the trainer recorded in
@@ -35,9 +35,10 @@ from omegaconf import OmegaConf
 
 from induction_dynamics.analysis import runs as R
 from induction_dynamics.analysis.attention import write_checkpoint_patterns
-from induction_dynamics.analysis.suite import Probes, make_probes, run_suite, validate_metrics
+from induction_dynamics.analysis.suite import Prompts, make_prompts, run_suite, validate_metrics
 from induction_dynamics.analysis.table import COLUMNS, TOKEN_LOSS_PREFIX, make_frame
 from induction_dynamics.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from induction_dynamics.config import upgrade_saved_config
 from induction_dynamics.files import atomic_write, sha256_file
 from induction_dynamics.interpretability.attention_analysis import attention_patterns
 from induction_dynamics.vocab import Vocab
@@ -59,7 +60,7 @@ class RunContext:
     shape: str
     model_args: dict
     train_config: dict
-    probes: Probes
+    prompts: Prompts
     metrics: list[str]
     max_iters: int | None
     errors: list[dict] = field(default_factory=list)
@@ -69,7 +70,7 @@ class RunContext:
         wb = self.train_config.get("wandb") or {}
         return {"run": self.label, "run_dir": str(self.run_dir), "seed": self.seed, "shape": self.shape,
                 "model_args": self.model_args, "max_iters": self.max_iters, "metrics": self.metrics,
-                "probes": self.probes.info(),
+                "prompts": self.prompts.info(),
                 "train_wandb": {k: wb.get(k) for k in ("project", "group", "name", "mode")}}
 
 
@@ -133,30 +134,31 @@ def run_data(train_config: dict, ckpt: dict, data_dir: str | None = None):
 
 
 def train_config_of(ckpt: dict, run_dir: Path | None) -> dict:
-    """The training config saved in the checkpoint, else the run dir's config.yaml, else {}."""
+    """The training config saved in the checkpoint, else the run dir's config.yaml, else {};
+    in today's key names (``config.upgrade_saved_config``: runs from before a rename too)."""
     train_config = ckpt.get("config") or {}
     if not train_config and run_dir is not None and (run_dir / "config.yaml").is_file():
         train_config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
-    return train_config
+    return upgrade_saved_config(train_config)
 
 
-def probes_for(ckpt: dict, train_config: dict, cfg, val_tokens: torch.Tensor | None = None) -> Probes:
-    """A run's probes, from any of its checkpoints (they share vocabulary and token counts);
+def prompts_for(ckpt: dict, train_config: dict, cfg, val_tokens: torch.Tensor | None = None) -> Prompts:
+    """A run's prompts, from any of its checkpoints (they share vocabulary and token counts);
     ``val_tokens``: the text windows' source when not the run's own validation split."""
     args, counts = ckpt["model_args"], ckpt.get("token_counts")
     if val_tokens is None:
         data = run_data(train_config, ckpt, cfg.get("data_dir"))
         val_tokens, counts = data.val, data.counts if counts is None else counts
-    return make_probes(cfg.suite, vocab_size=args["vocab_size"], block_size=args["block_size"],
-                       token_counts=counts, val_tokens=val_tokens, seed=cfg.seed,
-                       data_config=train_config.get("data"))
+    return make_prompts(cfg.suite, vocab_size=args["vocab_size"], block_size=args["block_size"],
+                        token_counts=counts, val_tokens=val_tokens, seed=cfg.seed,
+                        data_config=train_config.get("data"))
 
 
-def checkpoint_rows(model, ckpt: dict, step: int, probes: Probes, metrics,
+def checkpoint_rows(model, ckpt: dict, step: int, prompts: Prompts, metrics,
                     errors: list[dict] | None = None) -> tuple[pd.DataFrame, np.ndarray | None]:
     """(the checkpoint's rows: step, tokens_seen, metric, layer, head, value; its per-token losses).
     ``errors``: collects failing metrics instead of raising (``suite.run_suite``)."""
-    rows, tokens = run_suite(model, probes, metrics, errors=errors)
+    rows, tokens = run_suite(model, prompts, metrics, errors=errors)
     if ckpt.get("val_loss") is not None:
         rows.append(("val_loss", -1, -1, float(ckpt["val_loss"])))
     df = pd.DataFrame(rows, columns=["metric", "layer", "head", "value"])
@@ -179,10 +181,10 @@ def prepare_run(run_dir: Path, label: str, cfg) -> RunContext | None:
         return RunContext(run_dir, label, -1, "", {}, {}, None, metrics, None, errors) if errors else None
     args = dict(ckpt["model_args"])
     train_config = train_config_of(ckpt, run_dir)
-    probes = probes_for(ckpt, train_config, cfg)
+    prompts = prompts_for(ckpt, train_config, cfg)
     max_iters = (train_config.get("train") or {}).get("max_iters")
     ctx = RunContext(run_dir, label, int(train_config.get("seed", -1)), R.shape_key(args),
-                     {k: args.get(k) for k in SHAPE_FIELDS}, train_config, probes, metrics,
+                     {k: args.get(k) for k in SHAPE_FIELDS}, train_config, prompts, metrics,
                      max_iters, errors)
     _check_cache_settings(ctx, cfg)
     R.write_json(ctx.info(), R.analysis_dir(run_dir) / "run_info.json")
@@ -196,7 +198,7 @@ def _check_cache_settings(ctx: RunContext, cfg) -> None:
     if "llc" not in ctx.metrics:  # SGLD settings change nothing the other metrics compute
         suite.pop("llc", None)
     settings = {"version": CACHE_VERSION, "seed": int(cfg.seed), "metrics": sorted(ctx.metrics),
-                "suite": suite, "probes": ctx.probes.info(), "code": code_version()}
+                "suite": suite, "prompts": ctx.prompts.info(), "code": code_version()}
     ctx.fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     if cfg.force:
         cached = list(R.cache_dir(ctx.run_dir).glob("step_*"))
@@ -256,7 +258,7 @@ def _replace_errors(ctx: RunContext, step: int, new: list[dict]) -> None:
     ctx.errors[:] = [e for e in ctx.errors if e["step"] != step] + new
 
 
-def analyse_checkpoint(run_dir: str, label: str, step: int, path: str, probes: Probes, metrics: list[str],
+def analyse_checkpoint(run_dir: str, label: str, step: int, path: str, prompts: Prompts, metrics: list[str],
                        expected_args: dict, fingerprint: str, device: str = "cpu",
                        threads: int | None = None) -> dict:
     """Analyse one checkpoint and write its cache files. Never raises: errors come back as data.
@@ -280,8 +282,8 @@ def analyse_checkpoint(run_dir: str, label: str, step: int, path: str, probes: P
     except Exception as e:  # a bad checkpoint must not stop the sweep; report it in one line
         return {"run": label, "step": step, "path": str(path), "ok": False, "kind": "checkpoint",
                 "error": f"{type(e).__name__}: {_one_line(e)}" if not isinstance(e, CheckpointError) else _one_line(e)}
-    df, tokens = checkpoint_rows(model, ckpt, step, probes.to(device), metrics, errors=metric_errors)
-    _save_attention(model, ckpt, probes, R.attention_cache_path(run_dir, step), device, metric_errors)
+    df, tokens = checkpoint_rows(model, ckpt, step, prompts.to(device), metrics, errors=metric_errors)
+    _save_attention(model, ckpt, prompts, R.attention_cache_path(run_dir, step), device, metric_errors)
     metric_errors = [{"run": label, "step": step, "path": str(path), "kind": "metric", **e} for e in metric_errors]
     if tokens is not None:
         atomic_write(R.token_cache_path(run_dir, step), lambda f: np.save(f, tokens.astype(np.float32)))
@@ -292,9 +294,9 @@ def analyse_checkpoint(run_dir: str, label: str, step: int, path: str, probes: P
             "metric_errors": metric_errors, "seconds": time.perf_counter() - t0}
 
 
-def _save_attention(model, ckpt: dict, probes: Probes, path: Path, device, errors: list[dict]) -> None:
+def _save_attention(model, ckpt: dict, prompts: Prompts, path: Path, device, errors: list[dict]) -> None:
     """Every head's pattern on the fixed [x, x] (the attention figure's input), or a metric error."""
-    seq = probes.induction[0]  # (T,)
+    seq = prompts.induction[0]  # (T,)
     try:
         patterns = attention_patterns(model, seq.to(device))[:, 0].float().cpu().numpy()  # (L, H, T, T)
         try:
@@ -311,8 +313,8 @@ def analyse_pending(contexts: list[RunContext], n_jobs: int = 1, device: str = "
     """Analyse every pending checkpoint of ``contexts``, ``n_jobs`` at a time; returns the statuses."""
     from tqdm.auto import tqdm
 
-    tasks = [(str(c.run_dir), c.label, s, str(p), c.probes, c.metrics, c.model_args, c.fingerprint, device)
-             for c in contexts if c.probes is not None for s, p in pending_checkpoints(c)]
+    tasks = [(str(c.run_dir), c.label, s, str(p), c.prompts, c.metrics, c.model_args, c.fingerprint, device)
+             for c in contexts if c.prompts is not None for s, p in pending_checkpoints(c)]
     if not tasks:
         return []
     bar = tqdm(total=len(tasks), desc="analysing checkpoints", unit="ckpt", disable=not progress)

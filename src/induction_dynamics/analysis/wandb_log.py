@@ -84,12 +84,12 @@ class AnalysisLogger:
         for key, path, step in images if self.active else []:
             self.logger.log_image(key, path, step=int(step))
 
-    def finish(self, table: pd.DataFrame, phase: pd.DataFrame, plot_paths: list[Path], probes: dict) -> None:
+    def finish(self, table: pd.DataFrame, phase: pd.DataFrame, plot_paths: list[Path], prompts: dict) -> None:
         """Phase markers and summary, plot images, the per-checkpoint table; then close the run."""
         if not self.active:
             return
         steps = sorted(table["step"].unique())
-        summary = {f"analysis/probes/{k}": v for k, v in probes.items()}
+        summary = {f"analysis/prompts/{k}": v for k, v in prompts.items()}
         records = phase.to_dict("records")
         for r in records:
             for key in ("detected", "mid_step", "start_step", "end_step", "amp", "r2", "loss_bump",

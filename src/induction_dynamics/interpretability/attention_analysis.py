@@ -2,7 +2,7 @@
 
     patterns = attention_patterns(model, tokens)             # (n_layer, B, n_head, T, T)
     heads = find_induction_heads(model, threshold=0.4)        # [(layer, head, score), ...]
-    scores = head_scores(model, allowed=probe_token_ids(V))   # {'induction': (L, H), ...}
+    scores = head_scores(model, allowed=repeat_token_ids(V))   # {'induction': (L, H), ...}
     fig = plot_head_scores(scores["induction"], title="induction score")
     fig = plot_attention_pattern(patterns[1, 0, 2], labels=list("abc..."))
 
@@ -23,7 +23,7 @@ from induction_dynamics.interpretability.metrics import (  # noqa: F401  (re-exp
     ov_copying_scores,
     prefix_matching_scores,
     previous_token_scores,
-    probe_token_ids,
+    repeat_token_ids,
     repeated_random_tokens,
 )
 from induction_dynamics.interpretability.utils import HookManager
@@ -48,11 +48,11 @@ def head_scores(model, *, allowed: torch.Tensor | None = None, text_tokens: torc
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Every per-head score at once: ``{name: (n_layer, n_head)}`` for ``SCORE_NAMES``.
 
-    Probes are drawn from ``allowed`` (default the whole vocabulary): ``[x, x]`` with
+    Prompts are drawn from ``allowed`` (default the whole vocabulary): ``[x, x]`` with
     ``seq_len`` distinct tokens for induction / duplicate / copying, 4 x ``prefix_seq_len``
     for prefix matching (both capped by the block size and the number of allowed tokens).
     ``text_tokens`` (real text) is used for the previous-token score; without it the
-    induction probe stands in (its tokens are random, so i-1 is still well defined).
+    induction prompt stands in (its tokens are random, so i-1 is still well defined).
     """
     V, block = model.config.vocab_size, model.config.block_size
     allowed = torch.arange(V) if allowed is None else allowed
@@ -87,7 +87,7 @@ def find_induction_heads(model, tokens: torch.Tensor | None = None, seq_len: int
                          generator: torch.Generator | None = None) -> list[tuple[int, int, float]]:
     """Heads whose induction score is >= ``threshold``: ``[(layer, head, score), ...]``, best first.
 
-    Without ``tokens``, draws the ``[x, x]`` probe from ``allowed`` (default: the whole
+    Without ``tokens``, draws the ``[x, x]`` prompt from ``allowed`` (default: the whole
     vocabulary) with ``seq_len`` = min(20, block_size // 2, len(allowed)) distinct tokens.
     A perfect induction head scores 1.0; a uniform one about 1/position (see metrics).
     """

@@ -1,6 +1,6 @@
 """Metric definitions for induction heads (Olsson et al. 2022; TransformerLens conventions).
 
-Probe data for a character vocabulary
+Prompt data for a character vocabulary
 -------------------------------------
 TransformerLens measures induction on ``[x, x]`` where ``x`` is a random token sequence.
 With a ~65-character vocabulary, a random half of 50 tokens repeats letters, and even a
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from induction_dynamics.interpretability.utils import HookManager
 
 
-def probe_token_ids(vocab_size: int, counts: torch.Tensor | None = None, drop_frac: float = 0.1) -> torch.Tensor:
-    """Token ids for random probes: the tokens the training text uses, minus the rarest and
+def repeat_token_ids(vocab_size: int, counts: torch.Tensor | None = None, drop_frac: float = 0.1) -> torch.Tensor:
+    """Token ids for random prompts: the tokens the training text uses, minus the rarest and
     most common of them.
 
     ``counts`` (vocab_size,) are token frequencies in the training text (a shorter vector
@@ -48,11 +48,11 @@ def repeated_random_tokens(allowed: torch.Tensor, seq_len: int, batch: int, n_re
     """(batch, n_repeats * seq_len) tokens: a random half of distinct tokens, repeated.
 
     Each half is a random draw *without replacement* from ``allowed``. ``n_repeats=2`` is the
-    TransformerLens induction probe ``[x, x]``; ``n_repeats=4`` with ``seq_len=25`` is Olsson
-    et al.'s prefix-matching probe.
+    TransformerLens induction prompt ``[x, x]``; ``n_repeats=4`` with ``seq_len=25`` is Olsson
+    et al.'s prefix-matching prompt.
     """
     if seq_len > len(allowed):
-        raise ValueError(f"probe seq_len {seq_len} exceeds the {len(allowed)} allowed distinct tokens")
+        raise ValueError(f"prompt seq_len {seq_len} exceeds the {len(allowed)} allowed distinct tokens")
     halves = torch.stack([allowed[torch.randperm(len(allowed), generator=generator)[:seq_len]]
                           for _ in range(batch)])
     return halves.repeat(1, n_repeats)
@@ -63,7 +63,7 @@ def induction_score_from_pattern(pattern: torch.Tensor, seq_len: int) -> torch.T
 
     TransformerLens convention: mean attention on the diagonal at offset ``1 - seq_len``,
     i.e. from each token of the second copy to the token *after* its first occurrence.
-    Unlike TransformerLens's BOS-prefixed probe, only second-copy queries are averaged
+    Unlike TransformerLens's BOS-prefixed prompt, only second-copy queries are averaged
     (positions seq_len .. 2*seq_len-1), so a perfect induction head scores exactly 1.0.
     Returns (..., n_head) averaged over the batch dimension if present.
     """
@@ -120,7 +120,7 @@ def _masked_attention_score(patterns: torch.Tensor, mask: torch.Tensor) -> torch
     m = mask.to(patterns.dtype)  # (B, T, T)
     has_target = mask.any(-1)  # (B, T)
     if not has_target.any():
-        raise ValueError("no query position has a target key: is the probe repeated?")
+        raise ValueError("no query position has a target key: is the prompt repeated?")
     on_target = (patterns * m[None, :, None]).sum(-1)  # (n_layer, B, nh, T)
     on_target = on_target * has_target[None, :, None].to(patterns.dtype)
     return on_target.sum((1, 3)) / has_target.sum()
@@ -138,7 +138,7 @@ def _earlier_same_token(tokens: torch.Tensor) -> torch.Tensor:
 def prefix_matching_scores(model, tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
     """(n_layer, n_head) prefix-matching score (Olsson et al. 2022, appendix).
 
-    Probe: ``seq_len`` (25 in the paper) distinct random tokens repeated 4 times
+    Prompt: ``seq_len`` (25 in the paper) distinct random tokens repeated 4 times
     (``repeated_random_tokens(allowed, 25, batch, n_repeats=4)``). For every query token
     that occurred before, the score is the attention it pays to the tokens that *followed*
     its earlier occurrences (all of them, summed), averaged over those queries. A perfect
@@ -146,7 +146,7 @@ def prefix_matching_scores(model, tokens: torch.Tensor, seq_len: int) -> torch.T
     attends uniformly scores about (copies seen) / position.
     """
     if tokens.shape[1] < 2 * seq_len:
-        raise ValueError(f"prefix-matching probe must repeat its {seq_len} tokens (got length {tokens.shape[1]})")
+        raise ValueError(f"prefix-matching prompt must repeat its {seq_len} tokens (got length {tokens.shape[1]})")
     earlier = _earlier_same_token(tokens)  # (B, T, T): key j is an earlier occurrence of query i
     # key j+1 follows an earlier occurrence j; j+1 <= i always holds because j < i
     targets = torch.zeros_like(earlier)
@@ -170,7 +170,7 @@ def previous_token_scores(model, text_tokens: torch.Tensor) -> torch.Tensor:
 def duplicate_token_scores(model, tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
     """(n_layer, n_head) duplicate-token score: attention to earlier copies of the same token.
 
-    TransformerLens / Wang et al. (2022) convention on the repeated probe ``[x, x]``: for
+    TransformerLens / Wang et al. (2022) convention on the repeated prompt ``[x, x]``: for
     every query that occurred before (second-copy positions), the attention it pays to its
     earlier occurrences (summed), averaged over those queries. ``seq_len`` is the half
     length; only queries from position ``seq_len`` on are counted. A perfect
