@@ -20,6 +20,11 @@ nanoGPT's prepare.py wrote (``nanogpt_data.py``).
 
 ``BatchSampler`` draws random windows with its own ``torch.Generator``: its state is the
 whole data position, so a resumed run sees exactly the batches an uninterrupted run sees.
+
+Over 400 lines on purpose: all five sources go through one tokenization and one verified
+cache, read here in order (vocabulary, cache, sources, batches); the parts that stand alone
+are their own modules (``shakespeare``, ``python_code``, ``nanogpt_data``, ``tokenizer``,
+``curriculum``).
 """
 
 from __future__ import annotations

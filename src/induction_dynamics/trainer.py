@@ -23,6 +23,10 @@ resumed from ``resume.pt`` ends with the weights of an uninterrupted one.
 Distributed-ready: every rank draws the same global batch (train.batch_size rows) and keeps
 its slice ``[rank*b:(rank+1)*b]``, so the data order does not depend on the number of
 processes; files, W&B and the monitor belong to the main rank (``DistContext.is_main``).
+
+Over 400 lines on purpose: the loop, its named steps and the ``Run`` state they share read top
+to bottom in one file, as nanoGPT's train.py does; what stands on its own lives elsewhere
+(``checkpoint``, ``monitor``, ``data``, ``wandb_utils``, ``distributed``).
 """
 
 from __future__ import annotations
