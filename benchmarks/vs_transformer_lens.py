@@ -15,6 +15,10 @@ analysis settings: the run's own validation text). Timed, best of --repeats, in 
                   transformer_lens.patching.get_act_patch_attn_head_out_all_pos (same metric)
   logit lens      logit_lens.logit_lens               vs  run_with_cache(residuals) + ln_final + unembed
 
+Both sides compute what the analysis needs and no more, each with its own library's means:
+ours stops the forward at the last attention pattern (``run_with_cache(stop_early=True)``)
+and runs the logit lens's last block for the target position's query alone; TransformerLens's
+``stop_at_layer`` stops only between blocks, and the last layer's pattern needs that block.
 Each pair is checked to agree (max |difference| printed) before it is timed. Run it alone
 (``flock`` on a shared machine): another process on the same cores distorts every figure.
 """

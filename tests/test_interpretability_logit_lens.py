@@ -53,3 +53,24 @@ def test_lens_on_the_hand_built_circuit(hand_model, tmp_path):
     fig = logit_lens.plot_prediction_evolution(lens, num_predictions=3, save_path=tmp_path / "lens.png")
     assert (tmp_path / "lens.png").stat().st_size > 1000
     assert len(fig.axes[0].lines) == 3
+
+
+def test_residuals_at_one_position_equal_the_full_stack_at_it():
+    """residual_stack(position=p) runs tokens up to p, the last block for p's query alone:
+    the same residuals as the full forward at p; with a hook of yours on the model, the full forward."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=20, n_layer=3, n_head=2, n_embd=16)).eval()
+    tokens = torch.randint(0, 20, (4, 12))
+    names, full = logit_lens.residual_stack(model, tokens)  # (L+1, B, T, C)
+    for pos in (0, 5, 11, -1):
+        names_p, at = logit_lens.residual_stack(model, tokens, pos)
+        assert names_p == names and at.shape == (4, 4, 16)
+        torch.testing.assert_close(at, full[:, :, pos], atol=1e-5, rtol=0)
+    seen = []
+    handle = model.transformer.h[2].register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    try:
+        _, at = logit_lens.residual_stack(model, tokens, 5)
+    finally:
+        handle.remove()
+    assert seen == [(4, 12, 16)]  # the hook saw the whole forward, as model(tokens) shows it
+    torch.testing.assert_close(at, full[:, :, 5], atol=1e-5, rtol=0)

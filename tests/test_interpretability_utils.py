@@ -80,3 +80,46 @@ def test_no_hook_leaks_after_exceptions(model):
     with pytest.raises(RuntimeError):
         hm.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_z") or boom(None, None))
     assert hooks_left(model) == 0
+
+
+class LinearCalls(torch.overrides.TorchFunctionMode):
+    """Records the weight of every F.linear the forward runs (what it computed, not a stand-in)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.linear:
+            self.weights.append(args[1])
+        return func(*args, **(kwargs or {}))
+
+
+def test_stop_early_caches_the_same_and_computes_nothing_after(model):
+    tokens = torch.randint(0, 20, (3, 10))
+    hm = HookManager(model)
+    with torch.no_grad(), LinearCalls() as full:
+        (logits, _), cache = hm.run_with_cache(tokens, names_filter="attn.hook_pattern")
+    with torch.no_grad(), LinearCalls() as early:
+        out, cache_early = hm.run_with_cache(tokens, names_filter="attn.hook_pattern", stop_early=True)
+    assert out is None and logits.shape == (3, 10, 20)
+    assert set(cache_early) == set(cache)
+    for name in cache:
+        assert torch.equal(cache_early[name], cache[name])
+    # the last block's qkv projection ran (its pattern needs it); its output projection, MLP and the unembedding did not
+    last = model.transformer.h[1]
+    ran = {id(w) for w in early.weights}
+    assert id(last.attn.c_attn.weight) in ran and len(early.weights) == 5 and len(full.weights) == 9
+    assert not ran & {id(last.attn.c_proj.weight), id(last.mlp.c_fc.weight), id(model.lm_head.weight)}
+    assert hooks_left(model) == 0
+
+
+def test_stop_early_is_ignored_while_a_hook_of_yours_is_on_the_model(model):
+    tokens = torch.randint(0, 20, (3, 10))
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    try:
+        (logits, _), cache = HookManager(model).run_with_cache(tokens, names_filter="attn.hook_pattern", stop_early=True)
+    finally:
+        handle.remove()
+    assert seen == [(3, 10, 20)] and logits.shape == (3, 10, 20) and len(cache) == 2

@@ -35,7 +35,7 @@ import torch
 
 from induction_dynamics.interpretability import patching_runs as runs
 from induction_dynamics.interpretability.patching_runs import Component, logit_diff  # noqa: F401  (public API)
-from induction_dynamics.interpretability.utils import HookManager, layer_of
+from induction_dynamics.interpretability.utils import HookManager, has_hooks, layer_of
 
 
 # ---------------------------------------------------------------------------------------
@@ -122,7 +122,7 @@ def run_patching(model, clean: torch.Tensor, corrupted: torch.Tensor, components
     hm = HookManager(model)
     components = runs.validate_components(hm, list(components), T)
     # the shortcuts change the positions a hook sees: only when no hook of the user's is there to see
-    setup = runs.setup_forward(model, hm, clean, corrupted, components, batched and not runs.has_hooks(model))
+    setup = runs.setup_forward(model, hm, clean, corrupted, components, batched and not has_hooks(model))
     last = setup.last_logits  # (2B, V)
     if answer is None or corrupted_answer is None:
         a, c = _answers_from_logits(last[:B], last[B:])

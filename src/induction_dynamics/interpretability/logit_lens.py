@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from induction_dynamics.interpretability.utils import HookManager
+from induction_dynamics.interpretability.utils import HookManager, has_hooks
 
 
 @dataclass
@@ -50,12 +50,23 @@ class LogitLens:
 
 
 @torch.no_grad()
-def residual_stack(model, tokens: torch.Tensor) -> tuple[list[str], torch.Tensor]:
-    """(names, (n_layer+1, B, T, C)): the residual stream after the embedding and each block."""
+def residual_stack(model, tokens: torch.Tensor, position: int | None = None) -> tuple[list[str], torch.Tensor]:
+    """(names, (n_layer+1, B, T, C)): the residual stream after the embedding and each block.
+
+    ``position``: that position's only, (n_layer+1, B, C). The model is causal, so the forward
+    then covers tokens up to ``position`` and its last block that position's query alone
+    (unless a hook of yours is on the model: it sees the whole forward, as ``model(tokens)``).
+    """
     L = model.config.n_layer
     names = ["transformer.h.0.hook_resid_pre"] + [f"transformer.h.{l}.hook_resid_post" for l in range(L)]
-    _, cache = HookManager(model).run_with_cache(tokens, names_filter=names)
-    return ["embed"] + [f"transformer.h.{l}" for l in range(L)], torch.stack([cache[n] for n in names])
+    labels = ["embed"] + [f"transformer.h.{l}" for l in range(L)]
+    if position is None or has_hooks(model):
+        _, cache = HookManager(model).run_with_cache(tokens, names_filter=names)
+        resid = torch.stack([cache[n] for n in names])
+        return labels, resid if position is None else resid[:, :, position]
+    _, cache = HookManager(model).run_with_cache(tokens[:, :position % tokens.shape[1] + 1], names_filter=names,
+                                                 last_only=True, stop_early=True)
+    return labels, torch.stack([cache[n][:, -1] for n in names])
 
 
 @torch.no_grad()
@@ -72,8 +83,7 @@ def logit_lens(model, tokens: torch.Tensor, target_position: int = -1, top_k: in
         tokens = tokens[None]
     B, T = tokens.shape
     pos = target_position % T
-    names, resid = residual_stack(model, tokens)
-    x = resid[:, :, pos]  # (n_layer+1, B, C)
+    names, x = residual_stack(model, tokens, pos)  # (n_layer+1, B, C)
     logits = model.lm_head(model.transformer.ln_f(x))  # (n_layer+1, B, V): the model's own head
     probs = logits.float().softmax(-1)
     if target is None:

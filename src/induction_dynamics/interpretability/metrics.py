@@ -75,9 +75,7 @@ def induction_score_from_pattern(pattern: torch.Tensor, seq_len: int) -> torch.T
 @torch.no_grad()
 def induction_scores(model, tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
     """(n_layer, n_head) induction score of every head on ``tokens = [x, x]`` (see above)."""
-    _, cache = HookManager(model).run_with_cache(tokens, names_filter="attn.hook_pattern")
-    patterns = cache.stack("attn.hook_pattern")  # (n_layer, B, nh, T, T)
-    return torch.stack([induction_score_from_pattern(p, seq_len) for p in patterns])
+    return torch.stack([induction_score_from_pattern(p, seq_len) for p in _attention_patterns(model, tokens)])
 
 
 def per_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -105,8 +103,9 @@ def repeated_sequence_loss(model, tokens: torch.Tensor, seq_len: int) -> tuple[f
 # ---------------------------------------------------------------------------------------
 
 def _attention_patterns(model, tokens: torch.Tensor) -> torch.Tensor:
-    """(n_layer, B, n_head, T, T) attention patterns of every head on ``tokens``."""
-    _, cache = HookManager(model).run_with_cache(tokens, names_filter="attn.hook_pattern")
+    """(n_layer, B, n_head, T, T) attention patterns of every head on ``tokens``; the forward
+    stops at the last layer's pattern (its values, MLP and the unembedding are not needed)."""
+    _, cache = HookManager(model).run_with_cache(tokens, names_filter="attn.hook_pattern", stop_early=True)
     return cache.stack("attn.hook_pattern")
 
 

@@ -106,11 +106,6 @@ def _stream_into(model, layer: int) -> str:
     return f"transformer.h.{layer}.hook_resid_pre" if layer < L else f"transformer.h.{L - 1}.hook_resid_post"
 
 
-def has_hooks(model) -> bool:
-    """Whether any module of ``model`` carries a forward hook (a user's; the engine adds its own later)."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-
-
 def first_difference(clean: torch.Tensor, corrupted: torch.Tensor) -> int:
     """p: the first position where any row differs, at most T - 1 (a patched run keeps the last)."""
     differs = (clean != corrupted).any(0).nonzero()
@@ -141,7 +136,7 @@ def setup_forward(model, hm: HookManager, clean: torch.Tensor, corrupted: torch.
     p = first_difference(clean, corrupted) if shortcuts else 0
     past_kv = None
     if p:  # the same in both runs before p
-        _, pre = hm.run_with_cache(clean[:, :p], names_filter=["attn.hook_k", "attn.hook_v"], last_only=True)
+        _, pre = hm.run_with_cache(clean[:, :p], names_filter=["attn.hook_k", "attn.hook_v"], stop_early=True)
         past_kv = [(pre[f"transformer.h.{l}.attn.hook_k"], pre[f"transformer.h.{l}.attn.hook_v"])
                    for l in range(model.config.n_layer)]
     (logits, _), cache = hm.run_with_cache(torch.cat([clean, corrupted])[:, p:], names_filter=sorted(names),

@@ -5,6 +5,8 @@
     patterns = cache.stack("attn.hook_pattern")          # (n_layer, B, n_head, T, T)
     with hm.hooks([("transformer.h.0.hook_resid_post", lambda act, hook: act * 0)]):
         logits, _ = model(tokens)                         # hooks removed on exit, even on error
+    _, cache = hm.run_with_cache(tokens, names_filter="attn.hook_pattern",
+                                 stop_early=True)         # the forward ends at the last pattern
 
 Names are module names (``transformer.h.0.attn.hook_pattern``); TransformerLens
 spellings (``blocks.0.attn.hook_pattern``, ``hook_embed``, ``ln_final.hook_normalized``)
@@ -99,6 +101,15 @@ class ActivationCache(Mapping):
         return ActivationCache({k: v.to(device) for k, v in self._cache.items()})
 
 
+def has_hooks(model: nn.Module) -> bool:
+    """Whether any module of ``model`` carries a forward hook (a user's, when called before adding one's own)."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+class _StopForward(Exception):
+    """Raised by ``run_with_cache(stop_early=True)`` once its last hook point has fired."""
+
+
 class HookManager:
     """Register temporary forward hooks on a model's HookPoints and always remove them."""
 
@@ -115,7 +126,7 @@ class HookManager:
 
     def add_hook(self, name: str | Callable[[str], bool], fn: Callable) -> None:
         """Add ``fn(activation, hook)`` on every hook point ``name`` selects (until reset_hooks)."""
-        selected = self.names(name)
+        selected = [name] if isinstance(name, str) and name in self.hook_points else self.names(name)
         if not selected:
             raise KeyError(f"no hook point matches {name!r}; see HookManager(model).names()")
         for n in selected:
@@ -142,16 +153,30 @@ class HookManager:
             return self.model(*args, **kwargs)
 
     def run_with_cache(self, *args, names_filter: NamesFilter = None, detach: bool = True,
-                       device=None, **kwargs):
-        """Run the model and return ``(output, ActivationCache)`` of the selected hook points."""
+                       device=None, stop_early: bool = False, **kwargs):
+        """Run the model and return ``(output, ActivationCache)`` of the selected hook points.
+
+        ``stop_early``: the forward stops once every selected hook point has fired and the
+        output is None, so what only follows them (the rest of the last block they are in,
+        the unembedding) is never computed; nnsight's ``.stop()``, TransformerLens's
+        ``stop_at_layer`` at the granularity of a hook point. Ignored while a hook of someone
+        else's is on the model: it is owed the whole forward.
+        """
+        names = self.names(names_filter)
+        stop_early = stop_early and not has_hooks(self.model)
         store: dict[str, torch.Tensor] = {}
 
         def save(act, hook):
             t = act.detach() if detach else act
             store[hook.name] = t.to(device) if device is not None else t
+            if stop_early and len(store) == len(names):
+                raise _StopForward
 
-        with self.hooks([(n, save) for n in self.names(names_filter)]):
-            out = self.model(*args, **kwargs)
+        with self.hooks([(n, save) for n in names]):
+            try:
+                out = self.model(*args, **kwargs)
+            except _StopForward:
+                out = None
         return out, ActivationCache(store)
 
 
