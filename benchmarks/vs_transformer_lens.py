@@ -6,7 +6,8 @@
 Needs the ``[tl]`` extra. The model goes to TransformerLens through
 ``export.to_hooked_transformer`` (unfolded weights: same logits), and both sides get the
 inputs the analysis sweep gives that checkpoint (``sweep.prompts_for`` with the default
-analysis settings: the run's own validation text). Timed, best of --repeats, in order:
+analysis settings: the run's own validation text). Each side's best of --repeats rounds, a
+round timing one call of ours and one of TransformerLens's in turn; in order:
 
   logits          model(text windows)                 vs  HookedTransformer(text windows)
   induction       metrics.induction_scores            vs  run_with_cache(patterns) + the same score
@@ -46,7 +47,19 @@ from induction_dynamics.interpretability import activation_patching as ap  # noq
 from induction_dynamics.interpretability import logit_lens as ll  # noqa: E402
 from induction_dynamics.interpretability import metrics as M  # noqa: E402
 
-from analysis_speed import best_of  # noqa: E402  (this folder's, on sys.path when run as a script)
+
+
+def best_of_interleaved(ours, theirs, repeats: int) -> tuple[float, float]:
+    """Best time of each over ``repeats`` rounds that run one call of each in turn, so a drift in
+    the machine's speed (other tenants, clock) reaches both sides alike."""
+    ours(), theirs()  # warm-up (allocator, lazy init)
+    best = [float("inf"), float("inf")]
+    for _ in range(repeats):
+        for i, fn in enumerate((ours, theirs)):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best[0], best[1]
 
 
 def tl_side(tl, prompts):
@@ -107,7 +120,7 @@ def main(argv=None) -> int:
     src.add_argument("--ckpt", help="a checkpoint file of a training run")
     src.add_argument("--run", help="a training run directory: its last checkpoint")
     ap_.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    ap_.add_argument("--repeats", type=int, default=20, help="timings are the best of this many runs")
+    ap_.add_argument("--repeats", type=int, default=50, help="timings are the best of this many rounds")
     ap_.add_argument("--json", help="also write the figures to this JSON file")
     args = ap_.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -134,7 +147,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         for name in ours:
             diff = (ours[name]().float() - theirs[name]().float()).abs().max().item()
-            t_ours, t_tl = best_of(ours[name], args.repeats), best_of(theirs[name], args.repeats)
+            t_ours, t_tl = best_of_interleaved(ours[name], theirs[name], args.repeats)
             res["items"][name] = {"ours_s": t_ours, "tl_s": t_tl, "ratio": t_tl / t_ours, "max_abs_diff": diff}
             print(f"{name:<18} {1e3 * t_ours:10.2f} {1e3 * t_tl:10.2f} {t_tl / t_ours:6.1f}x  {diff:.1e}")
     t_ours = sum(r["ours_s"] for r in res["items"].values())
