@@ -69,3 +69,26 @@ def test_icl_score_repeats_is_the_icl_score_on_the_repeat_windows():
     assert values["icl_score_repeats"] == pytest.approx(M.icl_score(model, p.text_repeats, p.icl_early, p.icl_late))
     assert values["icl_score"] == pytest.approx(M.icl_score(model, p.text, p.icl_early, p.icl_late))
     assert values["icl_score_repeats"] != values["icl_score"]
+
+
+@pytest.mark.parametrize("metrics", [["previous_token", "icl", "token_loss"], ["icl", "token_loss"]])
+def test_the_text_metrics_share_one_forward_and_equal_their_own_functions(metrics):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=T, vocab_size=26, dropout=0.0)).eval()
+    p = prompts()
+    batches = []
+    handle = model.register_forward_pre_hook(lambda module, args: batches.append(tuple(args[0].shape)))
+    try:
+        rows, tokens = run_suite(model, p, metrics)
+    finally:
+        handle.remove()
+    assert batches == [tuple(p.text.shape)]  # one forward of the text windows for all of them
+    losses = M.per_token_losses(model, p.text)
+    values = {(m, layer, head): v for m, layer, head, v in rows}
+    assert values["icl_score", -1, -1] == pytest.approx(M.icl_score(model, p.text, p.icl_early, p.icl_late), abs=1e-5)
+    assert values["text_loss", -1, -1] == pytest.approx(losses.mean().item(), abs=1e-5)
+    assert tokens == pytest.approx(losses.reshape(-1).numpy(), abs=1e-5)
+    if "previous_token" in metrics:
+        prev = M.previous_token_scores(model, p.text)
+        assert {k: v for k, v in values.items() if k[0] == "previous_token_score"} == pytest.approx(
+            {("previous_token_score", l, h): prev[l, h].item() for l in range(2) for h in range(2)}, abs=1e-6)

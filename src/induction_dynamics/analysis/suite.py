@@ -11,7 +11,7 @@ same data and shape see identical prompts (comparable across seeds of a sweep):
 - ``prefix``: Olsson et al.'s prefix-matching prompt, ``prefix_seq_len`` tokens x 4.
 - ``text``: ``text_windows`` fixed windows of ``block_size`` validation tokens (the
   checkpoint's ``config["data"]`` through ``data.load_data``): previous-token score, ICL
-  score at positions (early, late), per-token losses (for the PCA plot).
+  score at positions (early, late), per-token losses (for the PCA plot), from one forward.
 - ``text_repeats``: as many other validation windows with the run's repeat curriculum
   written in exactly as the trainer's sampler writes it (``config["data"]["repeat_*"]``;
   plain text when the run had none): the ICL score on the *training distribution*, which
@@ -41,6 +41,7 @@ from induction_dynamics.interpretability import composition as comp
 from induction_dynamics.interpretability.llc import default_n_beta, estimate_llc
 from induction_dynamics.interpretability import logit_lens as ll
 from induction_dynamics.interpretability import metrics as M
+from induction_dynamics.interpretability.utils import HookManager
 
 # separate generator seeds per prompt kind: adding a metric never changes another's prompt
 _PROMPT_OFFSETS = {"induction": 0, "prefix": 1, "text": 2, "patching": 3, "text_repeats": 4, "llc": 5}
@@ -209,17 +210,51 @@ def _llc_rows(model, p: Prompts) -> list[tuple]:
     return [("llc", -1, -1, r.mean), ("llc_std", -1, -1, r.std)]
 
 
-# metric id -> rows of one model (every id of config.SUITE_METRICS; token_loss is run_suite's own)
+class TextRun:
+    """``prompts.text`` through the model once, however many metrics read it (previous-token
+    scores, ICL score, per-token losses): every further forward of it would repeat the first.
+    With ``patterns`` the forward also keeps the attention patterns (then it is the explicit-
+    attention forward, which the patterns need anyway); runs on first use."""
+
+    def __init__(self, model, tokens: torch.Tensor, patterns: bool):
+        self.model, self.tokens, self.keep_patterns = model, tokens, patterns
+        self._out = None
+
+    def _run(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._out is None:
+            if self.keep_patterns:
+                (logits, _), cache = HookManager(self.model).run_with_cache(self.tokens, names_filter="attn.hook_pattern")
+                patterns = cache.stack("attn.hook_pattern")  # (n_layer, W, nh, T, T)
+            else:
+                logits, patterns = self.model(self.tokens)[0], None
+            self._out = M.per_token_loss(logits, self.tokens), patterns
+        return self._out
+
+    @property
+    def losses(self) -> torch.Tensor:
+        """(W, T-1) per-token losses, as ``metrics.per_token_losses`` gives them."""
+        return self._run()[0]
+
+    @property
+    def patterns(self) -> torch.Tensor:
+        return self._run()[1]
+
+
+# metric id -> rows from the text forward (token_loss, which also gives the loss vectors, is run_suite's own)
+TEXT_ROWS = {
+    "previous_token": lambda t, p: _head_rows("previous_token_score", M.previous_token_score_from_pattern(t.patterns)),
+    "icl": lambda t, p: [("icl_score", -1, -1, M.icl_score_from_losses(t.losses, p.icl_early, p.icl_late))],
+}
+
+# metric id -> rows of one model (with TEXT_ROWS and token_loss: every id of config.SUITE_METRICS)
 METRIC_ROWS = {
     "induction": lambda m, p: _head_rows("induction_score", M.induction_scores(m, p.induction, p.induction_seq_len)),
     "prefix_matching": lambda m, p: _head_rows("prefix_matching_score",
                                                M.prefix_matching_scores(m, p.prefix, p.prefix_seq_len)),
-    "previous_token": lambda m, p: _head_rows("previous_token_score", M.previous_token_scores(m, p.text)),
     "duplicate_token": lambda m, p: _head_rows("duplicate_token_score",
                                                M.duplicate_token_scores(m, p.induction, p.induction_seq_len)),
     "copying": lambda m, p: _head_rows("copying_score", M.copying_scores(m, p.induction)),
     "ov_copying": lambda m, p: _head_rows("ov_copying_score", M.ov_copying_scores(m)),
-    "icl": lambda m, p: [("icl_score", -1, -1, M.icl_score(m, p.text, p.icl_early, p.icl_late))],
     "icl_repeats": lambda m, p: [("icl_score_repeats", -1, -1,
                                   M.icl_score(m, p.text_repeats, p.icl_early, p.icl_late))],
     "induction_loss": _induction_loss_rows,
@@ -243,12 +278,16 @@ def run_suite(model, prompts: Prompts, metrics,
     """
     rows: list[tuple] = []
     tokens = None
-    for metric in validate_metrics(metrics):
+    metrics = validate_metrics(metrics)
+    text_run = TextRun(model, prompts.text, patterns="previous_token" in metrics)
+    for metric in metrics:
         try:
             if metric == "token_loss":
-                losses = M.per_token_losses(model, prompts.text)  # (W, T-1)
+                losses = text_run.losses  # (W, T-1)
                 rows.append(("text_loss", -1, -1, losses.mean().item()))
                 tokens = losses.float().reshape(-1).cpu().numpy()
+            elif metric in TEXT_ROWS:
+                rows += TEXT_ROWS[metric](text_run, prompts)
             else:
                 rows += METRIC_ROWS[metric](model, prompts)
         except Exception as e:

@@ -160,9 +160,13 @@ def previous_token_scores(model, text_tokens: torch.Tensor) -> torch.Tensor:
     Measured on real text (Olsson et al. 2022 use the training distribution), averaged over
     every query position i >= 1. A perfect previous-token head scores 1.0.
     """
-    patterns = _attention_patterns(model, text_tokens)  # (L, B, nh, T, T)
-    stripe = patterns.diagonal(offset=-1, dim1=-2, dim2=-1)  # (L, B, nh, T-1): A[i, i-1]
-    return stripe.mean((1, 3))
+    return previous_token_score_from_pattern(_attention_patterns(model, text_tokens))
+
+
+def previous_token_score_from_pattern(patterns: torch.Tensor) -> torch.Tensor:
+    """(..., n_head) previous-token score from patterns (..., B, n_head, T, T), e.g. (n_layer, B, nh, T, T)."""
+    stripe = patterns.diagonal(offset=-1, dim1=-2, dim2=-1)  # (..., B, nh, T-1): A[i, i-1]
+    return stripe.mean((-3, -1))
 
 
 @torch.no_grad()
@@ -300,9 +304,13 @@ def icl_score(model, tokens: torch.Tensor, early: int, late: int) -> float:
     context, i.e. it uses the context; 0 = no in-context learning. No fixed perfect value:
     it is bounded below by minus the early loss.
     """
-    if not 0 <= early < late < tokens.shape[1] - 1:
-        raise ValueError(f"need 0 <= early < late < {tokens.shape[1] - 1}, got early={early}, late={late}")
-    loss = per_token_losses(model, tokens)
+    return icl_score_from_losses(per_token_losses(model, tokens), early, late)
+
+
+def icl_score_from_losses(loss: torch.Tensor, early: int, late: int) -> float:
+    """The ICL score from per-token losses (B, T-1) (``per_token_losses``)."""
+    if not 0 <= early < late < loss.shape[1]:
+        raise ValueError(f"need 0 <= early < late < {loss.shape[1]}, got early={early}, late={late}")
     return (loss[:, late].mean() - loss[:, early].mean()).item()
 
 
