@@ -48,7 +48,6 @@ from induction_dynamics.interpretability import logit_lens as ll  # noqa: E402
 from induction_dynamics.interpretability import metrics as M  # noqa: E402
 
 
-
 def best_of_interleaved(ours, theirs, repeats: int) -> tuple[float, float]:
     """Best time of each over ``repeats`` rounds that run one call of each in turn, so a drift in
     the machine's speed (other tenants, clock) reaches both sides alike."""
