@@ -7,7 +7,7 @@
     torchrun --standalone --nproc_per_node=8 train.py model=baby_shakespeare   # DDP (docs/scaling.md)
 
 Configuration: conf/ (groups model, data, optim, checkpoint, monitor, wandb, experiment), typed by
-src/induction_dynamics/config.py. Errors in the configuration or the data print one line and
+src/induction_dynamics/training/config.py. Errors in the configuration or the data print one line and
 exit with status 2; set HYDRA_FULL_ERROR=1 for the full traceback.
 """
 
@@ -17,9 +17,20 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from induction_dynamics.cli import (agree_run_dir, hydra_overrides_for_rank, main_wrapper, multirun_show_cfg,
-                                    one_line_errors, thread_budget)
-from induction_dynamics.config import ConfigError, check_renamed_overrides, run_names, validate
+from induction_dynamics.cli import (
+    agree_run_dir,
+    hydra_overrides_for_rank,
+    main_wrapper,
+    multirun_show_cfg,
+    one_line_errors,
+    thread_budget,
+)
+from induction_dynamics.errors import ConfigError
+from induction_dynamics.training.config import (
+    check_renamed_overrides,
+    run_names,
+    validate,
+)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -35,8 +46,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
         sweep = "_".join(parts[-2:])  # outputs/multirun/<date>/<time> -> <date>_<time>
     cfg.wandb.group, cfg.wandb.name = run_names(cfg, experiment=hc.runtime.choices.get("experiment"), sweep=sweep)
     validate(cfg)  # before importing torch: a bad value fails in about a second
-    from induction_dynamics import distributed
-    from induction_dynamics.trainer import train
+    from induction_dynamics.training import distributed  # torch from here on
+    from induction_dynamics.training.loop import train
 
     if distributed.under_torchrun() and hc.mode == RunMode.MULTIRUN:
         raise ConfigError("torchrun runs one training; launch a sweep (-m) without torchrun")

@@ -21,11 +21,11 @@ import time
 
 import torch
 
-from induction_dynamics.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from induction_dynamics.checkpoint import load_checkpoint, model_from_checkpoint
+from induction_dynamics.errors import CheckpointError
 from induction_dynamics.interpretability import activation_patching as ap
 from induction_dynamics.interpretability import attention_analysis as aa
-from induction_dynamics.interpretability import logit_lens, metrics
-from induction_dynamics.interpretability import patching_runs
+from induction_dynamics.interpretability import logit_lens, metrics, patching_runs
 from induction_dynamics.interpretability.utils import HookManager
 from induction_dynamics.model import GPT, GPTConfig
 

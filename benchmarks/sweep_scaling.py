@@ -24,10 +24,11 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import induction_dynamics.analysis.config  # noqa: F401  (registers the schema)
-from induction_dynamics.analysis.pipeline import analyze
-from induction_dynamics.checkpoint import history_path, save_atomic
+from induction_dynamics.analysis.driver import analyze
+from induction_dynamics.checkpoint import save_atomic
 from induction_dynamics.data import load_data
 from induction_dynamics.model import GPT, GPTConfig
+from induction_dynamics.run_dir import history_path
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, dropout=0.0, bias=False, attn_only=False)

@@ -19,8 +19,7 @@ import time
 
 from train_throughput import run  # the same compose-and-train of one benchmark run
 
-from induction_dynamics import python_code
-from induction_dynamics.data import load_data
+from induction_dynamics.data import load_data, python_code
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from induction_dynamics.trainer import train
+from induction_dynamics.training.loop import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -5,7 +5,7 @@
 
 Needs the ``[tl]`` extra. The model goes to TransformerLens through
 ``export.to_hooked_transformer`` (unfolded weights: same logits), and both sides get the
-inputs the analysis sweep gives that checkpoint (``sweep.prompts_for`` with the default
+inputs the analysis sweep gives that checkpoint (``prompts.prompts_for`` with the default
 analysis settings: the run's own validation text). Each side's best of --repeats rounds, a
 round timing one call of ours and one of TransformerLens's in turn; in order:
 
@@ -37,15 +37,15 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")  # TransformerLens's patching loop draws a progress bar
 
 import torch  # noqa: E402
-
 from omegaconf import OmegaConf  # noqa: E402
 
 from induction_dynamics.analysis.config import AnalyzeConfig  # noqa: E402
-from induction_dynamics.analysis.sweep import prompts_for, train_config_of  # noqa: E402
-from induction_dynamics.checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint  # noqa: E402
+from induction_dynamics.analysis.prompts import prompts_for, train_config_of  # noqa: E402
+from induction_dynamics.checkpoint import load_checkpoint, model_from_checkpoint
 from induction_dynamics.interpretability import activation_patching as ap  # noqa: E402
 from induction_dynamics.interpretability import logit_lens as ll  # noqa: E402
 from induction_dynamics.interpretability import metrics as M  # noqa: E402
+from induction_dynamics.run_dir import list_checkpoints  # noqa: E402
 
 
 def best_of_interleaved(ours, theirs, repeats: int) -> tuple[float, float]:

@@ -32,9 +32,11 @@ import sys
 
 import torch
 
-from induction_dynamics.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, model_from_checkpoint
-from induction_dynamics.data import DataError, load_data
+from induction_dynamics.checkpoint import load_checkpoint, model_from_checkpoint
+from induction_dynamics.data import load_data
+from induction_dynamics.errors import CheckpointError, DataError
 from induction_dynamics.interpretability import metrics
+from induction_dynamics.run_dir import list_checkpoints
 
 
 def late_split(model, tokens: torch.Tensor, k: int) -> dict:

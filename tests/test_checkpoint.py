@@ -7,9 +7,15 @@ import pytest
 import torch
 from train_helpers import TINY, compose_cfg
 
-from induction_dynamics.checkpoint import (CheckpointError, history_path, history_steps, list_checkpoints,
-                                           load_checkpoint, model_from_checkpoint, resume_path, save_atomic)
-from induction_dynamics.trainer import train
+from induction_dynamics.checkpoint import (
+    history_steps,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_atomic,
+)
+from induction_dynamics.errors import CheckpointError
+from induction_dynamics.run_dir import history_path, list_checkpoints, resume_path
+from induction_dynamics.training.loop import train
 
 
 def test_history_steps():

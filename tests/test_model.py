@@ -11,7 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from induction_dynamics.checkpoint import model_from_checkpoint, save_atomic, load_checkpoint
+from induction_dynamics.checkpoint import (
+    load_checkpoint,
+    model_from_checkpoint,
+    save_atomic,
+)
 from induction_dynamics.interpretability.utils import HookManager
 from induction_dynamics.model import GPT, GPTConfig
 

@@ -102,9 +102,9 @@ def test_notebook_executes_top_to_bottom(tmp_path):
 
 @pytest.mark.slow
 def test_notebook_draws_a_saved_analysis(tmp_path):
-    from induction_dynamics.analysis.pipeline import analyze
-    from test_analysis_helpers import make_run
-    from test_analysis_sweep import cfg_for
+    from analysis_helpers import cfg_for, make_run
+
+    from induction_dynamics.analysis.driver import analyze
 
     run_dir = make_run(tmp_path / "run", 0, steps=(0, 10, 20, 30), shape={"n_layer": 2}, iters_per_step=3)
     analyze(cfg_for(run_dir, "wandb.mode=disabled", "plots.formats=[png]"))

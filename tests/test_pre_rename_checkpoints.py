@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from induction_dynamics.analysis import analyze_checkpoint
-from induction_dynamics.analysis.sweep import train_config_of
+from induction_dynamics.analysis.prompts import train_config_of
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pre_rename_run"
 STEPS = (100, 300)

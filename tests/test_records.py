@@ -12,18 +12,18 @@ import subprocess
 
 import pandas as pd
 import pytest
-
-from induction_dynamics.analysis import runs as R
-from induction_dynamics.analysis import suite as suite_mod
-from induction_dynamics.analysis import sweep
-from induction_dynamics.analysis.pipeline import analyze
-from induction_dynamics.checkpoint import CheckpointError, history_path, load_checkpoint
-from induction_dynamics.files import sha256_file
-from induction_dynamics.run_files import list_checkpoints, read_manifest
-from induction_dynamics.trainer import train
-from test_analysis_helpers import make_run, run_entry
-from test_analysis_sweep import FAST, cfg_for
+from analysis_helpers import FAST, cfg_for, make_run, run_entry
 from train_helpers import TINY, compose_cfg, run_train, train_then_kill
+
+from induction_dynamics import run_dir as R
+from induction_dynamics.analysis import cache
+from induction_dynamics.analysis import suite as suite_mod
+from induction_dynamics.analysis.driver import analyze
+from induction_dynamics.checkpoint import load_checkpoint
+from induction_dynamics.errors import CheckpointError
+from induction_dynamics.files import sha256_file
+from induction_dynamics.run_dir import history_path, list_checkpoints, read_manifest
+from induction_dynamics.training.loop import train
 
 
 def leet(path) -> list[dict]:
@@ -142,12 +142,12 @@ def test_changed_metric_code_is_analysed_again(tmp_path, monkeypatch):
     analyze(cfg_for(run_dir, *FAST, "analysis/suite=fast"))
     assert "(0 new)" in analyze(cfg_for(run_dir, *FAST, "analysis/suite=fast"))["report"]
     # the code fingerprint hashes the metric modules' source: other files, another fingerprint
-    real = sweep.code_version()
-    monkeypatch.setattr(sweep, "METRIC_CODE", ("model.py",))
-    sweep.code_version.cache_clear()
-    assert sweep.code_version()["metric_code_sha256"] != real["metric_code_sha256"]
+    real = cache.code_version()
+    monkeypatch.setattr(cache, "METRIC_CODE", ("model.py",))
+    cache.code_version.cache_clear()
+    assert cache.code_version()["metric_code_sha256"] != real["metric_code_sha256"]
     assert "(2 new)" in analyze(cfg_for(run_dir, *FAST, "analysis/suite=fast"))["report"]
-    sweep.code_version.cache_clear()
+    cache.code_version.cache_clear()
     suite_json = json.loads((R.cache_dir(run_dir) / "suite.json").read_text())
     assert suite_json["code"]["package"] and len(suite_json["code"]["metric_code_sha256"]) == 64
 
@@ -155,10 +155,10 @@ def test_changed_metric_code_is_analysed_again(tmp_path, monkeypatch):
 def test_a_failing_metric_is_a_metric_error_and_the_others_are_kept(tmp_path, monkeypatch):
     run_dir = make_run(tmp_path / "run", 0, steps=(0, 4))
 
-    def broken(model, prompts):
+    def broken(context):
         raise RuntimeError("shapes do not match\nsecond line of detail")
 
-    monkeypatch.setitem(suite_mod.METRIC_ROWS, "copying", broken)
+    monkeypatch.setitem(suite_mod.COMPUTE, "copying", broken)
     out = analyze(cfg_for(run_dir, *FAST, "suite.metrics=[induction,copying,icl]"))
     errors = json.loads((R.analysis_dir(run_dir) / "errors.json").read_text())
     assert sorted(e["step"] for e in errors) == [0, 4]

@@ -4,13 +4,14 @@ import subprocess
 import sys
 
 import pytest
+from analysis_helpers import REPO, make_run
 from hydra import compose, initialize_config_dir
+from train_helpers import cli_env
 
 import induction_dynamics.sampling  # noqa: F401  (registers the schema)
-from induction_dynamics.checkpoint import history_path, load_checkpoint
+from induction_dynamics.checkpoint import load_checkpoint
+from induction_dynamics.run_dir import history_path
 from induction_dynamics.sampling import sample
-from test_analysis_helpers import REPO, make_run
-from train_helpers import cli_env
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from train_helpers import ROOT, TINY, cli_env, run_train
 
 SCRIPT = ROOT / "scripts" / "icl_match_split.py"

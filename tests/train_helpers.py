@@ -56,7 +56,8 @@ def train_then_kill(args, run_dir: Path, after_iter: int, pause: float = 0.05) -
     import signal
     import time
 
-    from induction_dynamics.checkpoint import load_checkpoint, resume_path
+    from induction_dynamics.checkpoint import load_checkpoint
+    from induction_dynamics.run_dir import resume_path
 
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={run_dir}"],
                             cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,13 +1,13 @@
 """Checkpoint files: the contract between the trainer and the analysis sweep.
 
-Where the files of a run directory live: ``run_files.py``.
+Where the files of a run directory live: ``run_dir.py``.
 
 A history checkpoint is nanoGPT's format without optimizer state::
 
     {"model": state_dict, "model_args": {...GPTConfig fields...},
      "iter_num": int, "step": int, "tokens_seen": int,
      "vocab": [str, ...] | None,     # a label per token id (the character, for characters)
-     "tokenizer": {"kind": ..., ...}, # tokenizer.py state: tokenizer_from_checkpoint(ckpt)
+     "tokenizer": {"kind": ..., ...}, # data/tokenizer.py state: tokenizer_from_checkpoint(ckpt)
      "token_counts": [int, ...],     # training-text frequency of each token (which tokens random repeats and prompts draw from)
      "data_source": {...},           # source and tokenizer sha256 (what the run saw)
      "config": {...resolved config as plain dict...},
@@ -25,15 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from induction_dynamics.errors import CheckpointError, one_line
 from induction_dynamics.files import atomic_write
 from induction_dynamics.model import GPT, GPTConfig
 from induction_dynamics.options import CheckpointSchedule
-from induction_dynamics.run_files import (history_path, list_checkpoints, resume_path,  # noqa: F401 (re-exported)
-                                         verify_checkpoint)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated, corrupted or not in our format."""
+from induction_dynamics.run_dir import verify_checkpoint
 
 
 def save_atomic(obj, path: str | Path) -> None:
@@ -57,8 +53,7 @@ def load_checkpoint(path: str | Path, map_location="cpu", sha256: str | None = N
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, bad magic, or a pickle that asks for a forbidden global
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from e
+        raise CheckpointError(f"cannot read checkpoint {path}: {one_line(e)}") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"not a checkpoint (no 'model' entry): {path}")
     return ckpt

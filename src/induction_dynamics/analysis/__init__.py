@@ -1,15 +1,20 @@
 """The analysis sweep behind ``analyze_checkpoints.py``: checkpoint history -> tidy table -> plots, W&B.
 
-Layers (data flows one way):
+Modules, in the order the data flows (torch only in ``prompts``, ``suite`` and ``worker``):
 
-- ``runs``      find run dirs, output layout, cache paths (no torch)
-- ``suite``     one model -> tidy rows, from the toolkit's metrics on fixed prompts (torch)
-- ``sweep``     per-run setup, per-checkpoint cache, parallel workers (torch)
-- ``table``     the tidy schema and helpers to read curves out of it (no torch)
-- ``phase``     phase-change detection on a curve (no torch)
-- ``plots``     the six figures from saved tables (no torch)
-- ``wandb_log`` the per-run W&B analysis run (no torch)
-- ``pipeline``  ``analyze(cfg)``, tying them together; ``config`` its typed schema
+- ``registry``  every metric, declared once (level, unit, expected direction, suite id)
+- ``config``    the typed schema of conf/analyze.yaml
+- ``prompts``   a run's fixed inputs, drawn once from the analysis seed (torch)
+- ``suite``     one model -> tidy rows, a function per suite id (torch)
+- ``worker``    a run's setup; one checkpoint -> its cache files, n_jobs at a time (torch)
+- ``cache``     what a cached result was computed from; reading it back
+- ``table``     the tidy schema and helpers to read curves out of it
+- ``phase``     phase-change detection on a curve
+- ``attention`` every checkpoint's attention patterns on one sequence, saved
+- ``outputs``   a run's and a sweep's tables, phase changes, plots (``plots/``), report
+- ``wandb_run`` the per-run W&B analysis run
+- ``record``    a run's identity, saved as run_info.json
+- ``driver``    ``analyze(cfg)``: a session over a folder's runs; ``watch`` follows a training
 - ``notebook``  ``analyze_checkpoint`` (one checkpoint -> rows, no file) and ``load_results``
 
 Nothing is imported here until asked for, so ``plots_only`` can run without torch installed.

@@ -10,30 +10,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
+from induction_dynamics.analysis.registry import DEFAULT_SUITE, SuiteMetric, of
 from induction_dynamics.options import WandbMode
-
-# config metric id -> table metrics it produces (see table.METRICS)
-SUITE_METRICS = {
-    "induction": ["induction_score"],
-    "prefix_matching": ["prefix_matching_score"],
-    "previous_token": ["previous_token_score"],
-    "duplicate_token": ["duplicate_token_score"],
-    "copying": ["copying_score"],
-    "ov_copying": ["ov_copying_score"],
-    "icl": ["icl_score"],
-    "icl_repeats": ["icl_score_repeats"],
-    "token_loss": ["text_loss"],
-    "induction_loss": ["induction_loss_first", "induction_loss_second"],
-    "patching": ["patch_resid", "patch_attn_out", "patch_mlp_out", "patch_head"],
-    "attribution_patching": ["attribution_patch_head"],
-    "logit_lens": ["logit_lens_prob", "logit_lens_rank", "logit_lens_convergence_layer"],
-    "composition": ["q_composition", "k_composition", "v_composition", "composition_baseline"],
-    "llc": ["llc", "llc_std"],
-}
-# metrics left out of the default suite: llc costs ~8 s per quickstart checkpoint on 2 CPU cores
-OPT_IN_METRICS = ("llc",)
-DEFAULT_METRICS = [m for m in SUITE_METRICS if m not in OPT_IN_METRICS]
 
 
 @dataclass
@@ -52,7 +32,7 @@ class LLCConfig:
 
 @dataclass
 class SuiteConfig:
-    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
+    metrics: list[SuiteMetric] = field(default_factory=lambda: [SuiteMetric(s) for s in DEFAULT_SUITE])
     batch_size: int = 8               # sequences per random-token prompt
     induction_seq_len: Optional[int] = None  # null: min(32, block_size // 2, allowed tokens)
     prefix_seq_len: Optional[int] = None     # null: min(25, block_size // 4, allowed tokens)
@@ -71,8 +51,9 @@ class PhaseMetric:
 @dataclass
 class PhaseConfig:
     metrics: dict[str, PhaseMetric] = field(default_factory=lambda: {
-        "induction_score_max": PhaseMetric(0.1), "icl_score": PhaseMetric(0.05, 0.15),
-        "icl_score_repeats": PhaseMetric(0.05, 0.15)})
+        "induction_score_max": PhaseMetric(of("induction_score_max").min_change),
+        "icl_score": PhaseMetric(of("icl_score").min_change, 0.15),
+        "icl_score_repeats": PhaseMetric(of("icl_score_repeats").min_change, 0.15)})
     loss_metric: str = "text_loss"    # the loss curve checked for a bump inside the window
     bump_tol: float = 0.002           # nats; a rise above this inside the window counts as a bump
     min_snr: float = 4.0
@@ -115,6 +96,8 @@ class AnalyzeConfig:
 
 
 def register() -> None:
+    # ${default_suite:llc} in a suite's YAML: the registry's default suite ids, then the ones named
+    OmegaConf.register_new_resolver("default_suite", lambda *extra: [*DEFAULT_SUITE, *extra], replace=True)
     cs = ConfigStore.instance()
     cs.store(name="analyze_schema", node=AnalyzeConfig)
     cs.store(group="analysis/suite", name="suite_schema", node=SuiteConfig, package="suite")

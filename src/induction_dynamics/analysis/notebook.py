@@ -4,10 +4,10 @@
     rows = analyze_checkpoint("outputs/quickstart/checkpoints/step_002000.pt", suite="fast")
     table = load_results("outputs/quickstart")          # what analyze_checkpoints.py saved
 
-``analyze_checkpoint`` runs the sweep's own code on one checkpoint (``sweep.prompts_for``,
-``sweep.checkpoint_rows``, with the config ``analyze_checkpoints.py`` would compose), so
+``analyze_checkpoint`` runs the sweep's own code on one checkpoint (``prompts.prompts_for``,
+``worker.checkpoint_rows``, with the config ``analyze_checkpoints.py`` would compose), so
 its rows equal the ones the sweep writes for that checkpoint; it writes no file.
-``load_results`` reads only Parquet (no torch).
+``load_results`` reads only Parquet: importing this module loads no torch.
 """
 
 from __future__ import annotations
@@ -16,9 +16,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from induction_dynamics.analysis import runs as R
+import induction_dynamics.analysis.config  # noqa: F401  (registers the schema)
+from induction_dynamics import run_dir as layout
 from induction_dynamics.analysis.table import make_frame
+from induction_dynamics.errors import AnalysisError
 
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"  # the repository's conf/ (as for the CLI)
 
@@ -29,13 +33,8 @@ def analysis_config(suite="default", overrides=()):
     ``suite``: a suite name (``conf/analysis/suite/<name>.yaml``) or a suite config (a
     mapping, ``SuiteConfig`` or DictConfig) merged over the default suite.
     """
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    import induction_dynamics.analysis.config  # noqa: F401  (registers the schema)
-
     if not (CONF_DIR / "analyze.yaml").is_file():
-        raise R.AnalysisError(f"the analysis configs are not at {CONF_DIR} (run from a checkout of the repository)")
+        raise AnalysisError(f"the analysis configs are not at {CONF_DIR} (run from a checkout of the repository)")
     name = suite if isinstance(suite, str) else "default"
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("analyze", overrides=[f"analysis/suite={name}", *overrides])
@@ -57,13 +56,14 @@ def analyze_checkpoint(path_or_model, suite="default", *, overrides=(), data: di
     overrides as on the command line (``"seed=7"``, ``"suite.text_windows=4"``).
     ``run``: the label in the ``run`` column (default: the run dir's name, as the sweep's).
     """
-    from induction_dynamics.analysis import sweep
+    # torch and the model, here only: load_results and analysis_config never need them
+    from induction_dynamics.analysis.prompts import prompts_for, train_config_of
+    from induction_dynamics.analysis.worker import checkpoint_rows
     from induction_dynamics.checkpoint import load_checkpoint, model_from_checkpoint
-    from induction_dynamics.run_files import STEP_RE
     from induction_dynamics.model import GPT
 
     cfg = analysis_config(suite, overrides)
-    metrics = sweep.validate_metrics(cfg.suite.metrics)
+    metrics = [str(m) for m in cfg.suite.metrics]
     run_dir = step = None
     if isinstance(path_or_model, GPT):
         model = path_or_model.to(device).eval()
@@ -78,17 +78,16 @@ def analyze_checkpoint(path_or_model, suite="default", *, overrides=(), data: di
         else:
             path = Path(path_or_model).expanduser()
             ckpt = load_checkpoint(path, map_location=device)
-            match = STEP_RE.match(path.name)
-            step = int(match.group(1)) if match else None
+            step = layout.step_of(path)
             run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
         model = model_from_checkpoint(ckpt, device)
-        train_config = sweep.train_config_of(ckpt, run_dir)
+        train_config = train_config_of(ckpt, run_dir)
         if data is not None:
             train_config = {**train_config, "data": dict(data)}
     if step is None:
         step = int(ckpt.get("step", ckpt.get("iter_num", -1)))
-    prompts = sweep.prompts_for(ckpt, train_config, cfg, val_tokens=val_tokens)
-    df, _ = sweep.checkpoint_rows(model, ckpt, step, prompts.to(device), metrics)
+    prompts = prompts_for(ckpt, train_config, cfg, val_tokens=val_tokens)
+    df, _ = checkpoint_rows(model, ckpt, step, prompts.to(device), metrics)
     label = run or (run_dir.resolve().name if run_dir is not None else "model")
     table = make_frame(df.assign(run=label, seed=int(train_config.get("seed", -1))))
     return table.sort_values(["step", "metric", "layer", "head"], kind="stable").reset_index(drop=True)
@@ -101,11 +100,11 @@ def load_results(run_dir) -> pd.DataFrame:
     runs under it are joined (``run`` = the run's path under the folder, as in the sweep's).
     """
     root = Path(run_dir).expanduser()
-    saved = R.analysis_dir(root) / "results.parquet"
+    saved = layout.analysis_dir(root) / "results.parquet"
     if saved.is_file():
         return make_frame(pd.read_parquet(saved))
-    tables = [pd.read_parquet(p).assign(run=R.run_label(d, root))
-              for d in R.find_runs(root) if (p := R.analysis_dir(d) / "results.parquet").is_file()]
+    tables = [pd.read_parquet(p).assign(run=layout.run_label(d, root))
+              for d in layout.find_runs(root) if (p := layout.analysis_dir(d) / "results.parquet").is_file()]
     if not tables:
-        raise R.AnalysisError(f"no saved analysis under {root}: run python analyze_checkpoints.py run_dir={root} first")
+        raise AnalysisError(f"no saved analysis under {root}: run python analyze_checkpoints.py run_dir={root} first")
     return make_frame(pd.concat(tables, ignore_index=True))

@@ -6,7 +6,7 @@ Columns (``COLUMNS``)::
     seed         int    the training run's seed (config["seed"])
     step         int    training iteration of the checkpoint (W&B step metric "iter")
     tokens_seen  int    training tokens consumed by that step
-    metric       str    e.g. "induction_score" (see METRICS below)
+    metric       str    e.g. "induction_score" (what each one is: ``registry.METRICS``)
     layer        int    block index; -1 for model-level metrics
     head         int    head index; -1 for layer- and model-level metrics
     value        float
@@ -19,13 +19,13 @@ Logit-lens rows use ``layer`` = number of blocks applied before the unembedding
 Head pairs (level ``pair``: the composition scores) put the *receiving* head in ``layer`` and
 ``head`` and the *sending* head, always in an earlier layer, in the metric name after a
 slash: ``k_composition/L0H2`` in row (layer 1, head 3) is how much head 1.3's keys read what
-head 0.2 writes (``pair_metric``; ``metric_family`` gives back ``k_composition``, and
+head 0.2 writes (``pair_metric``; ``registry.family`` gives back ``k_composition``, and
 ``pair_table`` the four indices as columns). In W&B that is
 ``analysis/k_composition/L0H2/L1H3``: sender, then receiver.
 
-Per-token losses (for the PCA of plot 6) do not fit this schema (they are indexed by
-text position), so they live in a separate wide table: one row per (run, step), one
-column per evaluated token (``TOKEN_LOSS_PREFIX`` + index).
+Token-level metrics (the per-token losses of the PCA plot) do not fit this schema (they are
+indexed by text position), so they live in a separate wide table: one row per (run, step),
+one column per evaluated token (``TOKEN_LOSS_PREFIX`` + index).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from induction_dynamics.analysis import registry
 from induction_dynamics.files import atomic_write, write_text
 
 COLUMNS = ["run", "seed", "step", "tokens_seen", "metric", "layer", "head", "value"]
@@ -42,46 +43,9 @@ DTYPES = {"run": "string", "seed": "int64", "step": "int64", "tokens_seen": "int
           "metric": "string", "layer": "int64", "head": "int64", "value": "float64"}
 TOKEN_LOSS_PREFIX = "tok_"
 
-# metric name (for pairs: family) in the table -> (level, what it is). Level: head | layer | model | pair.
-METRICS = {
-    "induction_score": ("head", "attention from [x, x]'s 2nd copy to the token after the 1st occurrence (1 = perfect)"),
-    "prefix_matching_score": ("head", "attention to the token after the previous occurrence, 25 tokens x4 (Olsson)"),
-    "previous_token_score": ("head", "attention to the previous token on real text (1 = perfect)"),
-    "duplicate_token_score": ("head", "attention to the previous occurrence of the same token"),
-    "copying_score": ("head", "empirical direct logit effect of the head on the attended token"),
-    "ov_copying_score": ("head", "sum(eig)/sum|eig| of W_U W_OV W_E (Olsson; 1 = pure copying)"),
-    "icl_score": ("model", "loss at a late position minus loss at an early one (negative = in-context learning)"),
-    "icl_score_repeats": ("model", "icl_score on the training distribution: validation windows with the run's "
-                                   "repeat curriculum (= plain text for a run without one)"),
-    "text_loss": ("model", "mean next-token loss on the fixed validation windows (nats)"),
-    "val_loss": ("model", "the trainer's validation loss saved in the checkpoint (nats)"),
-    "induction_loss_first": ("model", "loss on the 1st copy of [x, x] (nats)"),
-    "induction_loss_second": ("model", "loss on the 2nd copy of [x, x] (nats; -> 0 with induction)"),
-    "patch_resid": ("layer", "patching effect of the clean residual stream after block l"),
-    "patch_attn_out": ("layer", "patching effect of block l's clean attention output"),
-    "patch_mlp_out": ("layer", "patching effect of block l's clean MLP output"),
-    "patch_head": ("head", "patching effect of one head's clean output (hook_z)"),
-    "attribution_patch_head": ("head", "gradient (attribution-patching) estimate of patch_head"),
-    "logit_lens_prob": ("layer", "probability of the correct next token read after l blocks (0 = embeddings)"),
-    "logit_lens_rank": ("layer", "rank of the correct next token read after l blocks"),
-    "logit_lens_convergence_layer": ("model", "first layer from which the lens's prediction stays right"),
-    "q_composition": ("pair", "||W_OV^A W_QK^B||_F / (||W_OV^A|| ||W_QK^B||): A feeds B's queries (Elhage et al.)"),
-    "k_composition": ("pair", "||W_OV^A W_QK^B^T||_F / (||W_OV^A|| ||W_QK^B||): A feeds B's keys (induction)"),
-    "v_composition": ("pair", "||W_OV^A W_OV^B||_F / (||W_OV^A|| ||W_OV^B||): A feeds B's values"),
-    "composition_baseline": ("model", "the composition score of random matrices of the same shapes"),
-    "llc": ("model", "local learning coefficient, mean over SGLD chains (Hoogland et al. 2024; run_info: settings)"),
-    "llc_std": ("model", "standard deviation of the llc across SGLD chains"),
-}
-
-
 def pair_metric(family: str, layer: int, head: int) -> str:
     """Table metric of a pair whose sending head is (layer, head): ``k_composition/L0H2``."""
     return f"{family}/L{layer}H{head}"
-
-
-def metric_family(metric: str) -> str:
-    """The METRICS key of a table metric (``k_composition/L0H2`` -> ``k_composition``)."""
-    return metric.split("/", 1)[0]
 
 
 def pair_table(df: pd.DataFrame, family: str) -> pd.DataFrame:
@@ -157,7 +121,7 @@ def max_over_heads(df: pd.DataFrame, metric: str) -> pd.Series:
 
 def curve(df: pd.DataFrame, name: str) -> pd.Series:
     """A named curve per step: ``<metric>_max`` = max over heads, otherwise a model-level metric."""
-    if name.endswith("_max") and name[:-4] in METRICS:
+    if name.endswith("_max") and name[:-4] in registry.BY_NAME:
         return max_over_heads(df, name[:-4])
     return model_metric(df, name)
 
@@ -190,7 +154,7 @@ def wide_by_step(df: pd.DataFrame) -> pd.DataFrame:
     out = df.assign(key=[wandb_key(m, l, h) for m, l, h in zip(df["metric"], df["layer"], df["head"])])
     wide = out.pivot_table(index=["step", "tokens_seen"], columns="key", values="value", aggfunc="mean")
     for metric in df.loc[df["head"] >= 0, "metric"].unique():
-        if METRICS.get(metric_family(metric), ("head",))[0] == "pair":
+        if registry.of(metric).level == registry.Level.pair:
             continue  # a pair's sender is in its name: no max over heads
         wide[f"analysis/{metric}_max"] = max_over_heads(df, metric).reindex(wide.index.get_level_values("step")).to_numpy()
     return wide.reset_index().sort_values("step").reset_index(drop=True)

@@ -37,7 +37,6 @@ from induction_dynamics.interpretability import patching_runs as runs
 from induction_dynamics.interpretability.patching_runs import Component, logit_diff  # noqa: F401  (public API)
 from induction_dynamics.interpretability.utils import HookManager, has_hooks, layer_of
 
-
 # ---------------------------------------------------------------------------------------
 # Data and metric
 # ---------------------------------------------------------------------------------------

@@ -26,20 +26,9 @@ from induction_dynamics.interpretability.metrics import (  # noqa: F401  (re-exp
     repeat_token_ids,
     repeated_random_tokens,
 )
-from induction_dynamics.interpretability.utils import HookManager
+from induction_dynamics.interpretability.utils import attention_patterns  # noqa: F401  (re-exported API)
 
 SCORE_NAMES = ("induction", "prefix_matching", "previous_token", "duplicate_token", "copying", "ov_copying")
-
-
-@torch.no_grad()
-def attention_patterns(model, tokens: torch.Tensor, layers: Sequence[int] | None = None) -> torch.Tensor:
-    """(n_layers, B, n_head, T, T) attention patterns (rows: query, columns: key)."""
-    if tokens.dim() == 1:
-        tokens = tokens[None]
-    layers = range(model.config.n_layer) if layers is None else layers
-    names = [f"transformer.h.{l}.attn.hook_pattern" for l in layers]
-    _, cache = HookManager(model).run_with_cache(tokens, names_filter=names)
-    return torch.stack([cache[n] for n in names])
 
 
 @torch.no_grad()

@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 
 from induction_dynamics.checkpoint import load_checkpoint, model_from_checkpoint
+from induction_dynamics.data.tokenizer import BPETokenizer, CharTokenizer, from_state
+from induction_dynamics.errors import TokenizerError
 from induction_dynamics.model import GPT
-from induction_dynamics.tokenizer import BPETokenizer, CharTokenizer, TokenizerError, from_state
 
 _MISSING = "to_hooked_transformer needs TransformerLens 2.x: pip install 'induction-dynamics[tl]'"
 

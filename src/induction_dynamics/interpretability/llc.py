@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from induction_dynamics.interpretability.metrics import per_token_loss
+from induction_dynamics.interpretability.metrics import per_token_losses
 
 _MISSING = "the llc metric needs devinterp 2.x: pip install 'induction-dynamics[llc]'"
 
@@ -59,7 +59,7 @@ def default_n_beta(batch_size: int) -> float:
 
 def _loss_fn(model, input_ids: torch.Tensor) -> torch.Tensor:
     """(batch, T-1) next-token losses; our forward returns (logits, loss), not bare logits."""
-    return per_token_loss(model(input_ids)[0], input_ids)
+    return per_token_losses(model, input_ids, logits=model(input_ids)[0])
 
 
 def estimate_llc(model, windows: torch.Tensor, *, lr: float = 3e-4, localization: float = 300.0,

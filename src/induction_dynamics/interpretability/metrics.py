@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from induction_dynamics.interpretability.utils import HookManager
+from induction_dynamics.interpretability.utils import HookManager, attention_patterns
 
 
 def repeat_token_ids(vocab_size: int, counts: torch.Tensor | None = None, drop_frac: float = 0.1) -> torch.Tensor:
@@ -75,12 +75,7 @@ def induction_score_from_pattern(pattern: torch.Tensor, seq_len: int) -> torch.T
 @torch.no_grad()
 def induction_scores(model, tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
     """(n_layer, n_head) induction score of every head on ``tokens = [x, x]`` (see above)."""
-    return torch.stack([induction_score_from_pattern(p, seq_len) for p in _attention_patterns(model, tokens)])
-
-
-def per_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """(B, T-1) cross-entropy of predicting tokens[:, 1:] from logits[:, :-1]."""
-    return F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
+    return torch.stack([induction_score_from_pattern(p, seq_len) for p in attention_patterns(model, tokens)])
 
 
 @torch.no_grad()
@@ -91,8 +86,7 @@ def repeated_sequence_loss(model, tokens: torch.Tensor, seq_len: int) -> tuple[f
     seq_len+1 .. 2*seq_len-1 (the first token of the second copy is excluded: it is
     not predictable from context). An induction head drives the second toward 0.
     """
-    logits, _ = model(tokens)
-    loss = per_token_loss(logits, tokens)  # (B, 2L-1): loss[:, i] predicts token i+1
+    loss = per_token_losses(model, tokens)  # (B, 2L-1): loss[:, i] predicts token i+1
     first = loss[:, : seq_len - 1].mean().item()
     second = loss[:, seq_len: 2 * seq_len - 1].mean().item()
     return first, second
@@ -101,13 +95,6 @@ def repeated_sequence_loss(model, tokens: torch.Tensor, seq_len: int) -> tuple[f
 # ---------------------------------------------------------------------------------------
 # Attention-pattern scores beyond induction (Olsson et al. 2022, appendix "Model analysis")
 # ---------------------------------------------------------------------------------------
-
-def _attention_patterns(model, tokens: torch.Tensor) -> torch.Tensor:
-    """(n_layer, B, n_head, T, T) attention patterns of every head on ``tokens``; the forward
-    stops at the last layer's pattern (its values, MLP and the unembedding are not needed)."""
-    _, cache = HookManager(model).run_with_cache(tokens, names_filter="attn.hook_pattern", stop_early=True)
-    return cache.stack("attn.hook_pattern")
-
 
 def _masked_attention_score(patterns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over queries (that have at least one target) of the attention on ``mask``'s keys.
@@ -150,7 +137,7 @@ def prefix_matching_scores(model, tokens: torch.Tensor, seq_len: int) -> torch.T
     # key j+1 follows an earlier occurrence j; j+1 <= i always holds because j < i
     targets = torch.zeros_like(earlier)
     targets[:, :, 1:] = earlier[:, :, :-1]
-    return _masked_attention_score(_attention_patterns(model, tokens), targets)
+    return _masked_attention_score(attention_patterns(model, tokens), targets)
 
 
 @torch.no_grad()
@@ -160,7 +147,7 @@ def previous_token_scores(model, text_tokens: torch.Tensor) -> torch.Tensor:
     Measured on real text (Olsson et al. 2022 use the training distribution), averaged over
     every query position i >= 1. A perfect previous-token head scores 1.0.
     """
-    return previous_token_score_from_pattern(_attention_patterns(model, text_tokens))
+    return previous_token_score_from_pattern(attention_patterns(model, text_tokens))
 
 
 def previous_token_score_from_pattern(patterns: torch.Tensor) -> torch.Tensor:
@@ -181,7 +168,7 @@ def duplicate_token_scores(model, tokens: torch.Tensor, seq_len: int) -> torch.T
     """
     targets = _earlier_same_token(tokens)
     targets[:, :seq_len] = False  # queries of the first copy: no earlier occurrence by design
-    return _masked_attention_score(_attention_patterns(model, tokens), targets)
+    return _masked_attention_score(attention_patterns(model, tokens), targets)
 
 
 # ---------------------------------------------------------------------------------------
@@ -271,15 +258,19 @@ def copying_scores(model, tokens: torch.Tensor) -> torch.Tensor:
 # Loss-based measures: in-context learning score and per-token losses
 # ---------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def per_token_losses(model, tokens: torch.Tensor) -> torch.Tensor:
+def per_token_losses(model, tokens: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T-1) per-token loss; entry t is the loss of predicting tokens[:, t+1] from tokens[:, :t+1].
 
     Olsson et al. (2022) compare these vectors across checkpoints (PCA of per-token losses
     on a fixed set of examples) to see the phase change as a turn in the trajectory.
+    ``logits``: the model's (B, T, vocab) logits on ``tokens`` when a forward already made
+    them (then the model is not run again, and the loss keeps their gradient: the LLC's SGLD
+    steps differentiate it); without them the forward runs without gradients, as every score here.
     """
-    logits, _ = model(tokens)
-    return per_token_loss(logits, tokens)
+    if logits is None:
+        with torch.no_grad():
+            logits, _ = model(tokens)
+    return F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
 
 
 def icl_positions(block_size: int) -> tuple[int, int]:

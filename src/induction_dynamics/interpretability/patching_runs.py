@@ -27,7 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
-from induction_dynamics.interpretability.utils import HookManager, layer_of, normalize_name
+from induction_dynamics.interpretability.utils import (
+    HookManager,
+    layer_of,
+    normalize_name,
+)
 
 
 def logit_diff(logits: torch.Tensor, answer: torch.Tensor, corrupted_answer: torch.Tensor) -> torch.Tensor:

@@ -183,3 +183,22 @@ class HookManager:
 def run_with_cache(model, *args, names_filter: NamesFilter = None, **kwargs):
     """Shortcut: ``HookManager(model).run_with_cache(...)``."""
     return HookManager(model).run_with_cache(*args, names_filter=names_filter, **kwargs)
+
+
+@torch.no_grad()
+def attention_patterns(model, tokens: torch.Tensor, layers: Iterable[int] | None = None, *,
+                       with_logits: bool = False):
+    """(n_layers, B, n_head, T, T) attention patterns (rows: query, columns: key) of ``layers``
+    (default: all), the one way the project reads patterns off the model.
+
+    The forward stops at the last pattern asked for (what follows it is not needed); with
+    ``with_logits`` it runs to the end and returns ``(patterns, logits (B, T, vocab))``, for a
+    caller that needs both from one forward. ``tokens``: (B, T), or (T,) for one sequence.
+    """
+    if tokens.dim() == 1:
+        tokens = tokens[None]
+    layers = range(model.config.n_layer) if layers is None else layers
+    names = [f"transformer.h.{l}.attn.hook_pattern" for l in layers]
+    out, cache = HookManager(model).run_with_cache(tokens, names_filter=names, stop_early=not with_logits)
+    patterns = torch.stack([cache[n] for n in names])
+    return (patterns, out[0]) if with_logits else patterns

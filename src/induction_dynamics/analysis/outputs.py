@@ -1,0 +1,191 @@
+"""A run's and a sweep's outputs from their tidy tables: tables, phase changes, plots, the report.
+No torch here: ``plots_only=true`` runs all of it from saved tables (``redraw``).
+
+Per run (``write_run``): ``analysis/results.parquet`` (+ csv), ``token_losses.parquet``,
+``errors.json``, ``phase_change.csv`` and the plots. Per sweep (``write_sweep``): the combined
+table, the phase tables and their across-seed summary, and per-shape plots under the sweep
+folder. Where each file lies: ``run_dir.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from induction_dynamics import run_dir as layout
+from induction_dynamics.analysis.attention import load_history
+from induction_dynamics.analysis.phase import (
+    detect_phase_change,
+    format_summary,
+    loss_bump,
+    summarize_across_seeds,
+)
+from induction_dynamics.analysis.plots import make_plots
+from induction_dynamics.analysis.plots.attention import (
+    plot_attention_over_training,
+    run_attention_html,
+)
+from induction_dynamics.analysis.record import RunRecord
+from induction_dynamics.analysis.table import (
+    curve,
+    make_frame,
+    model_metric,
+    write_atomic,
+)
+from induction_dynamics.errors import AnalysisError
+from induction_dynamics.files import read_json, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """Everything known about one analysed run (built from the cache or the saved tables)."""
+
+    record: RunRecord
+    table: pd.DataFrame
+    tokens: pd.DataFrame
+    errors: list = field(default_factory=list)
+    phase: pd.DataFrame = field(default_factory=pd.DataFrame)
+    plots: list = field(default_factory=list)
+    attention_panels: list = field(default_factory=list)  # [(W&B key, PNG, step)] of the attention figure
+    has_record: bool = True  # False: saved tables without a run_info.json (no W&B run to continue)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.record.run_dir)
+
+    @property
+    def label(self) -> str:
+        return self.record.run
+
+
+def phase_table(table: pd.DataFrame, phase_cfg, record: RunRecord | None = None) -> pd.DataFrame:
+    """One row per curve of ``phase.metrics``: the PhaseChange fields + the loss bump in its window.
+    ``record``: the run the table is of (its label, seed and shape head each row)."""
+    record = record or RunRecord(run="", run_dir="")
+    loss = model_metric(table, phase_cfg.loss_metric)
+    loss_name = phase_cfg.loss_metric
+    if loss.empty:
+        loss, loss_name = model_metric(table, "val_loss"), "val_loss"
+    rows = []
+    for name, opts in phase_cfg.metrics.items():
+        c = curve(table, name)
+        pc = detect_phase_change(c.index.to_numpy(), c.to_numpy(), name, min_amplitude=opts.min_amplitude,
+                                 min_snr=phase_cfg.min_snr, min_r2=phase_cfg.min_r2,
+                                 max_window_frac=phase_cfg.max_window_frac,
+                                 skip_initial_frac=opts.skip_initial_frac)
+        if c.empty:
+            pc.reason = f"no {name} in the table"
+        bump = loss_bump(loss.index.to_numpy(), loss.to_numpy(), pc.start_step, pc.end_step)
+        rows.append({"run": record.run, "seed": record.seed, "shape": record.shape, **pc.as_dict(),
+                     "loss_metric": loss_name, "loss_bump": bump,
+                     "loss_bump_in_window": bool(math.isfinite(bump) and bump > phase_cfg.bump_tol)})
+    return pd.DataFrame(rows)
+
+
+def write_run(r: RunResult, cfg, draw: bool = True) -> None:
+    """The run's tables and phase changes; its plots too unless ``draw`` is off (a watch draws once, at the end)."""
+    out = layout.analysis_dir(r.run_dir)
+    draw = draw and bool(cfg.plots.formats)  # plots.formats=[]: tables only
+    if not r.table.empty:
+        write_atomic(r.table, out / "results.parquet", csv=cfg.csv)
+    if not r.tokens.empty:
+        write_atomic(r.tokens, out / "token_losses.parquet")
+    write_json(r.errors, out / "errors.json")
+    if r.table.empty:
+        return
+    r.phase = phase_table(r.table, cfg.phase, r.record)
+    write_text(out / "phase_change.csv", r.phase.to_csv(index=False))
+    if draw:
+        r.plots, skipped = make_plots({r.label: r.table}, {r.label: r.tokens} if len(r.tokens) else {},
+                                      r.phase, r.run_dir / "plots", formats=list(cfg.plots.formats),
+                                      dpi=cfg.plots.dpi, loss_metric=cfg.phase.loss_metric)
+        _attention_views(r, cfg)
+        for note in skipped:
+            log.info("%s: plot skipped: %s", r.label, note)
+
+
+def _attention_views(r: RunResult, cfg) -> None:
+    """The attention-over-training figure (and its panels for W&B), CircuitsVis views of plots.attention_html."""
+    paths, r.attention_panels, note = plot_attention_over_training(
+        r.table, r.phase, load_history(r.run_dir), r.run_dir / "plots", list(cfg.plots.formats), cfg.plots.dpi)
+    r.plots += paths
+    if note:
+        log.info("%s: plot skipped: %s", r.label, note)
+    for step in cfg.plots.attention_html:
+        try:
+            run_attention_html(r.run_dir, step)
+        except AnalysisError as e:
+            log.warning("%s: no interactive attention view: %s", r.label, e)
+
+
+def write_sweep(root: Path, results: list[RunResult], cfg) -> pd.DataFrame:
+    """Combined table, phase tables and per-shape plots under ``root``; returns the across-seed summary."""
+    done = [r for r in results if not r.table.empty]
+    out = layout.analysis_dir(root)
+    write_json([e for r in results for e in r.errors], out / "errors.json")
+    if not done:
+        return pd.DataFrame()
+    write_atomic(make_frame(pd.concat([r.table for r in done])), out / "results.parquet", csv=cfg.csv)
+    phase = pd.concat([r.phase for r in done], ignore_index=True)
+    write_text(out / "phase_change.csv", phase.to_csv(index=False))
+    summary = summarize_across_seeds(phase)
+    write_text(out / "phase_change_summary.csv", summary.to_csv(index=False))
+    shapes = sorted({r.record.shape for r in done})
+    if len(shapes) > 1:
+        log.warning("the runs have %d different model shapes (%s): analysed and plotted apart under %s/<shape>/",
+                    len(shapes), ", ".join(f"{s}: {sum(r.record.shape == s for r in done)} run(s)" for s in shapes),
+                    root / "plots")
+    for shape in shapes if cfg.plots.formats else []:
+        group = [r for r in done if r.record.shape == shape]
+        plot_dir = root / "plots" / shape if len(shapes) > 1 else root / "plots"
+        make_plots({r.label: r.table for r in group}, {r.label: r.tokens for r in group if len(r.tokens)},
+                   phase[phase["shape"] == shape], plot_dir, formats=list(cfg.plots.formats),
+                   dpi=cfg.plots.dpi, loss_metric=cfg.phase.loss_metric)
+    return summary
+
+
+def report(root: Path, results: list[RunResult], summary: pd.DataFrame, is_sweep: bool, headline: str) -> str:
+    """What the command prints at the end: the headline, the phase changes, errors, where the files are."""
+    lines = [headline]
+    done = [r for r in results if not r.table.empty]
+    if summary.empty and done:
+        summary = summarize_across_seeds(pd.concat([r.phase for r in done], ignore_index=True))
+    if not summary.empty:
+        lines.append("phase change" + (" (mean ± sd across runs)" if len(done) > 1 else "") + ":")
+        lines += ["  " + s for s in format_summary(summary).splitlines()]
+    errors = [e for r in results for e in r.errors]
+    n_metric = sum(e.get("kind") == "metric" for e in errors)
+    if len(errors) - n_metric:
+        lines.append(f"{len(errors) - n_metric} checkpoint(s) could not be read: see errors.json")
+    if n_metric:
+        lines.append(f"{n_metric} metric(s) failed on a checkpoint (its other metrics are kept): see errors.json")
+    where = root if is_sweep else results[0].run_dir
+    lines.append(f"tables: {layout.analysis_dir(where)}/   plots: {where / 'plots'}/")
+    return "\n".join(lines)
+
+
+def saved_results(root: Path, run_dirs: list[Path]) -> list[RunResult]:
+    """Every run's saved analysis (``plots_only``); a run without one is skipped with a warning."""
+    results = []
+    for d in run_dirs:
+        label = layout.run_label(d, root)
+        path = layout.analysis_dir(d) / "results.parquet"
+        if not path.is_file():
+            log.warning("%s: no saved analysis (%s); run without plots_only first", label, path)
+            continue
+        table = make_frame(pd.read_parquet(path).assign(run=label))
+        tok_path = layout.analysis_dir(d) / "token_losses.parquet"
+        tokens = pd.read_parquet(tok_path).assign(run=label) if tok_path.is_file() else pd.DataFrame()
+        record = RunRecord.read(layout.analysis_dir(d) / "run_info.json", d, label)
+        seed = int(table["seed"].iloc[0]) if len(table) else -1
+        result = RunResult(record or RunRecord(label, str(d)), table, tokens,
+                           read_json(layout.analysis_dir(d) / "errors.json", []) or [], has_record=record is not None)
+        result.record.seed = seed
+        results.append(result)
+    return results
