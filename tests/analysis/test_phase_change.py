@@ -40,7 +40,7 @@ from induction_dynamics.run_dir import list_checkpoints
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROMPT_BATCH = 64  # [x, x] sequences per induction measurement
 TEXT_WINDOWS = 1024  # validation windows for the ICL score: its change is a few hundredths of a nat
 ICL_CHECKPOINTS = 5  # ICL before/after the window: mean over this many checkpoints (less jitter)
