@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 from hydra import compose, initialize_config_dir
 
@@ -112,9 +114,18 @@ def check_analysis_run(run_dir, *, steps, seed, group, project):
     curves = [i for i in items if "analysis/induction_score_max" in i]
     assert sorted(i["iter"] for i in curves) == sorted(steps)
     for key in ("analysis/induction_score/L0H0", "analysis/prefix_matching_score_max", "analysis/icl_score",
-                "analysis/induction_loss_second", "analysis/patch_resid/L0", "analysis/patch_head/L0H1",
+                "analysis/induction_loss_second", "analysis/patch_clean_logit_diff",
                 "analysis/logit_lens_convergence_layer", "analysis/logit_lens_prob/L0", "analysis/tokens_seen"):
         assert all(key in i for i in curves), key
+    # a normalised patching effect is NaN where the baselines' gap is within its noise, and NaN
+    # is not logged: the key is there exactly at the steps where the table has a number
+    table = pd.read_parquet(Path(run_dir) / "analysis" / "results.parquet")
+    for key, metric, layer, head in (("analysis/patch_resid/L0", "patch_resid", 0, -1),
+                                     ("analysis/patch_head/L0H1", "patch_head", 0, 1)):
+        rows = table[(table["metric"] == metric) & (table["layer"] == layer) & (table["head"] == head)]
+        defined = {int(s) for s, v in zip(rows.step, rows.value) if np.isfinite(v)}
+        logged = {int(i["iter"]) for i in curves if key in i}
+        assert logged == defined, (key, logged, defined)
     markers = [i for i in items if "analysis/phase_window/induction_score_max" in i]
     assert sorted(i["iter"] for i in markers) == sorted(steps)
     images = {k.split(".")[0] for i in items for k in i if k.startswith("analysis/plots/")}
@@ -128,3 +139,13 @@ def check_analysis_run(run_dir, *, steps, seed, group, project):
     assert "analysis/phase/induction_score_max/detected" in summary
     assert summary["analysis/prompts/icl_late"] > summary["analysis/prompts/icl_early"]
     return run, items
+
+
+PATCHING_EFFECTS = ("patch_resid", "patch_attn_out", "patch_mlp_out", "patch_head", "attribution_patch_head")
+
+
+def undefined_patching_steps(table) -> set[int]:
+    """Steps whose normalised patching effects are undefined: the clean - corrupted gap
+    (``patch_baseline_gap``) is within 2 standard errors of 0, so the table holds NaN there."""
+    gap = table[table["metric"] == "patch_baseline_gap"]
+    return set(gap.loc[gap["value"].abs() <= 2 * gap["stderr"], "step"].tolist())

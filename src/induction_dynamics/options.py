@@ -48,6 +48,12 @@ class RepeatKind(Option):
     unigram = "unigram"
 
 
+class Precision(Option):
+    """The analysis's text-window forwards: float32, or bfloat16 autocast (GPU-sized runs)."""
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
 class CheckpointSchedule(Option):
     """linear: 0, every, 2*every, ..., last; log: also 1, 2, 4, 8, ... (Pythia's early checkpoints)."""
     linear = "linear"

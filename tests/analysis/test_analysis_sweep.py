@@ -96,7 +96,12 @@ def test_table_has_every_metric_checkpoint_and_head(analysed):
         assert list(tokens["step"]) == [0, 4, 8, 12] and tokens.filter(like="tok_").shape[1] == 16 * 31
         info = json.loads((root / run / "analysis" / "run_info.json").read_text())
         assert info["prompts"]["icl_late"] > info["prompts"]["icl_early"] >= 0
-        assert json.loads((root / run / "analysis" / "errors.json").read_text()) == []
+        logged = json.loads((root / run / "analysis" / "errors.json").read_text())
+        assert [e for e in logged if e["kind"] != "note"] == []
+        # notes say why a number is NaN; in these barely trained models the patching baselines
+        # are within their noise, and every note names the checkpoint and the computation
+        for e in logged:
+            assert e["metric"] == "patching" and "undefined" in e["note"] and e["step"] in (0, 4, 8, 12)
     phase = pd.read_csv(root / "analysis" / "phase_change.csv")
     assert set(zip(phase["run"], phase["metric"])) == {(r, m) for r in ("seed0", "seed1")
                                                        for m in ("induction_score_max", "icl_score",
@@ -143,7 +148,7 @@ def test_truncated_checkpoint_is_reported_and_the_rest_completes(sweep_src, tmp_
     with caplog.at_level(logging.WARNING):
         out = analyze(cfg_for(root, *FAST))
     assert any("step 8" in r.getMessage() for r in caplog.records)
-    errors = json.loads((root / "analysis" / "errors.json").read_text())
+    errors = [e for e in json.loads((root / "analysis" / "errors.json").read_text()) if e["kind"] != "note"]
     assert [e["step"] for e in errors] == [8] and "step_000008.pt" in errors[0]["path"] and errors[0]["error"]
     table = pd.read_parquet(root / "analysis" / "results.parquet")
     assert sorted(table["step"].unique()) == [0, 4, 12]
@@ -151,7 +156,7 @@ def test_truncated_checkpoint_is_reported_and_the_rest_completes(sweep_src, tmp_
     # repaired: the next pass analyses it and the error is gone
     history_path(root, 8).write_bytes(good)
     analyze(cfg_for(root, *FAST))
-    assert json.loads((root / "analysis" / "errors.json").read_text()) == []
+    assert [e for e in json.loads((root / "analysis" / "errors.json").read_text()) if e["kind"] != "note"] == []
     assert sorted(pd.read_parquet(root / "analysis" / "results.parquet")["step"].unique()) == [0, 4, 8, 12]
 
 

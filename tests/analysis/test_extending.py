@@ -4,6 +4,7 @@ and the metric then reaches the table with no other change. docs/metrics.md is t
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -39,12 +40,13 @@ def test_adding_a_metric_touches_two_places_and_reaches_the_table(tmp_path):
     code = f"""
 import json, math
 from induction_dynamics.analysis import analyze_checkpoint, registry
-assert "attention_entropy" in registry.SUITE_IDS and "attention_entropy" in registry.DEFAULT_SUITE
-rows = analyze_checkpoint({str(CHECKPOINT)!r}, overrides=["suite.metrics=[induction,attention_entropy]",
+assert "prediction_entropy" in registry.SUITE_IDS and "prediction_entropy" in registry.DEFAULT_SUITE
+assert registry.of("prediction_entropy").direction == "fall"
+rows = analyze_checkpoint({str(CHECKPOINT)!r}, overrides=["suite.metrics=[induction,prediction_entropy]",
                                                          "suite.text_windows=4"])
-got = rows[rows["metric"] == "attention_entropy"]
-print(json.dumps({{"n": len(got), "cells": sorted(set(zip(got["layer"].tolist(), got["head"].tolist()))),
-                  "min": float(got["value"].min()), "max": float(got["value"].max()),
+got = rows[rows["metric"] == "prediction_entropy"]
+print(json.dumps({{"cells": sorted(set(zip(got["layer"].tolist(), got["head"].tolist()))),
+                  "value": float(got["value"].iloc[0]), "stderr": float(got["stderr"].iloc[0]),
                   "metrics": sorted(set(rows["metric"]))}}))
 """
     env = {"PYTHONPATH": str(tmp_path / "src"), "PATH": "", "OMP_NUM_THREADS": "1"}
@@ -52,11 +54,13 @@ print(json.dumps({{"n": len(got), "cells": sorted(set(zip(got["layer"].tolist(),
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["metrics"] == ["attention_entropy", "induction_score", "val_loss"]
-    assert out["cells"] == [[0, 0], [0, 1], [1, 0], [1, 1]]  # the fixture's 2 layers x 2 heads
-    assert 0 <= out["min"] <= out["max"] <= 3.5  # at most ln(2 * 12) nats on a 24-token prompt
+    assert out["metrics"] == ["induction_score", "prediction_entropy", "val_loss"]
+    assert out["cells"] == [[-1, -1]]  # a model-level metric: one row
+    assert 0 < out["value"] < math.log(70)  # below a uniform guess over the fixture's 70 tokens
+    assert 0 < out["stderr"] < out["value"]
 
 
 def test_docs_metric_list_is_the_registry():
     page = (REPO / "docs" / "metrics.md").read_text()
-    assert registry.markdown_table() in page, "docs/metrics.md is stale: paste registry.markdown_table() into it"
+    assert page == registry.PAGE + registry.markdown_table(), \
+        "docs/metrics.md is stale: python -m induction_dynamics.analysis.registry > docs/metrics.md"

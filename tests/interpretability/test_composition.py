@@ -109,7 +109,7 @@ def test_table_rows_round_trip_and_pick_the_circuit(hand_model):
                            val_tokens=data.val, seed=0)
     rows, _ = run_suite(hand_model, prompts, ["induction", "previous_token", "composition"])
     df = make_frame([{"run": "r", "seed": 0, "step": 10, "tokens_seen": 0, "metric": m, "layer": l, "head": h,
-                      "value": v} for m, l, h, v in rows])
+                      "value": v, "stderr": e} for m, l, h, v, e in rows])
     assert {metric_family(m) for m in df["metric"]} == {"induction_score", "previous_token_score", "q_composition",
                                                           "k_composition", "v_composition", "composition_baseline"}
     k = pair_table(df, "k_composition")

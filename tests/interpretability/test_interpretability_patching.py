@@ -11,6 +11,15 @@ from induction_dynamics.interpretability.utils import HookManager
 from induction_dynamics.model import GPT, GPTConfig
 
 
+
+@pytest.fixture(autouse=True)
+def exact_normalisation(monkeypatch):
+    """These tests compare the computational paths on random models, whose clean - corrupted gap
+    is small next to its spread over the rows: the rule that leaves such effects undefined (NaN)
+    is off here (only an exactly vanishing gap is undefined) and tested on its own below."""
+    monkeypatch.setattr(ap, "MIN_GAP_Z", 0.0)
+
+
 def variants(model):
     out = [ap.patch_heads, ap.patch_heads_by_position, ap.patch_attn_out_by_layer,
            ap.patch_residual_by_layer, ap.patch_residual_by_position]
@@ -325,3 +334,28 @@ def test_inputs_longer_than_the_block_are_refused_with_a_clear_error(mlp_model):
     corrupted[:, 3] = 1
     with pytest.raises(ValueError, match="exceeds the model's block size"):
         ap.patch_heads(mlp_model, long, corrupted)
+
+
+def test_effects_are_undefined_where_the_baseline_gap_is_within_its_noise(hand_model, monkeypatch):
+    monkeypatch.setattr(ap, "MIN_GAP_Z", 2.0)  # the default
+    model = hand_model  # a real induction head: the corrupted copy moves the answer far
+    d = data_for(model, seq_len=10, batch=8)
+    good = ap.run_patching(model, d.clean, d.corrupted, [ap.Component("transformer.h.1.attn.hook_z", 0)],
+                           d.answer, d.corrupted_answer)
+    gap = good.clean_logit_diff - good.corrupted_logit_diff
+    assert not good.undefined and abs(gap) > 2 * good.gap_stderr and good.effects.isfinite().all()
+    assert good.clean_rows.shape == good.corrupted_rows.shape == (8,) and good.patched_rows.shape == (1, 8)
+    assert good.patched_rows.mean().item() == pytest.approx(
+        good.effects.item() * gap + good.corrupted_logit_diff, abs=1e-4)
+    # an untrained model: the corrupted token changes the answer's logit by noise only
+    torch.manual_seed(0)
+    fresh = GPT(GPTConfig(**{**vars(model.config)})).eval()
+    bad = ap.run_patching(fresh, d.clean, d.corrupted, [ap.Component("transformer.h.1.attn.hook_z", 0)],
+                          d.answer, d.corrupted_answer)
+    assert abs(bad.clean_logit_diff - bad.corrupted_logit_diff) <= 2 * bad.gap_stderr
+    assert bad.effects.isnan().all() and "within 2 standard errors" in bad.undefined
+    assert ap.attribution_patch_heads(fresh, d.clean, d.corrupted, d.answer, d.corrupted_answer).isnan().all()
+    # the old rule (only an exactly vanishing gap) gives a number, and a meaningless one
+    old = ap.run_patching(fresh, d.clean, d.corrupted, [ap.Component("transformer.h.1.attn.hook_z", 0)],
+                          d.answer, d.corrupted_answer, min_gap_z=0)
+    assert old.effects.isfinite().all()

@@ -13,7 +13,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from induction_dynamics.analysis.registry import DEFAULT_SUITE, SuiteMetric, of
-from induction_dynamics.options import WandbMode
+from induction_dynamics.options import Precision, WandbMode
 
 
 @dataclass
@@ -37,6 +37,8 @@ class SuiteConfig:
     induction_seq_len: Optional[int] = None  # null: min(32, block_size // 2, allowed tokens)
     prefix_seq_len: Optional[int] = None     # null: min(25, block_size // 4, allowed tokens)
     text_windows: int = 16            # fixed validation windows of real text (block_size tokens)
+    chunk_windows: Optional[int] = None  # windows per forward; null: by the model's size (suite.chunk_size)
+    precision: Precision = Precision.float32  # the text windows' forwards; bfloat16: autocast
     icl_positions: Optional[list[int]] = None  # [early, late]; null: metrics.icl_positions(block_size)
     patching_batch: int = 8
     llc: LLCConfig = field(default_factory=LLCConfig)  # used when "llc" is in metrics

@@ -96,7 +96,7 @@ class Session:
         """Analyse every pending checkpoint; refresh the tables (and W&B) of the runs that changed."""
         contexts = [s.context for s in self.runs.values() if s.context is not None]
         statuses = _worker().cache_pending(contexts, n_jobs=self.cfg.n_jobs, device=self.cfg.device,
-                                             threads=self.cfg.threads)
+                                           threads=self.cfg.threads, options=_worker().run_options(self.cfg.suite))
         self.n_new += sum(s["ok"] for s in statuses)
         changed = {s["run"] for s in statuses}
         for label, state in self.runs.items():
@@ -107,7 +107,7 @@ class Session:
             attention.save_history(ctx.run_dir)
             done = set(table["step"].tolist())
             # a checkpoint that failed to load once and has rows now was retried and read fine
-            ctx.errors[:] = [e for e in ctx.errors if e.get("kind") == "metric" or e["step"] not in done]
+            ctx.errors[:] = [e for e in ctx.errors if e.get("kind") in ("metric", "note") or e["step"] not in done]
             state.result = RunResult(ctx.record, table, tokens, ctx.errors)
             outputs.write_run(state.result, self.cfg, draw=not self.cfg.watch)
             if self.cfg.wandb.mode != "disabled" and state.ready and not table.empty:

@@ -58,7 +58,7 @@ def analyze_checkpoint(path_or_model, suite="default", *, overrides=(), data: di
     """
     # torch and the model, here only: load_results and analysis_config never need them
     from induction_dynamics.analysis.prompts import prompts_for, train_config_of
-    from induction_dynamics.analysis.worker import checkpoint_rows
+    from induction_dynamics.analysis.worker import checkpoint_rows, run_options
     from induction_dynamics.checkpoint import load_checkpoint, model_from_checkpoint
     from induction_dynamics.model import GPT
 
@@ -87,7 +87,7 @@ def analyze_checkpoint(path_or_model, suite="default", *, overrides=(), data: di
     if step is None:
         step = int(ckpt.get("step", ckpt.get("iter_num", -1)))
     prompts = prompts_for(ckpt, train_config, cfg, val_tokens=val_tokens)
-    df, _ = checkpoint_rows(model, ckpt, step, prompts.to(device), metrics)
+    df, _ = checkpoint_rows(model, ckpt, step, prompts.to(device), metrics, options=run_options(cfg.suite))
     label = run or (run_dir.resolve().name if run_dir is not None else "model")
     table = make_frame(df.assign(run=label, seed=int(train_config.get("seed", -1))))
     return table.sort_values(["step", "metric", "layer", "head"], kind="stable").reset_index(drop=True)

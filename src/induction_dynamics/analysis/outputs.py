@@ -159,12 +159,14 @@ def report(root: Path, results: list[RunResult], summary: pd.DataFrame, is_sweep
     if not summary.empty:
         lines.append("phase change" + (" (mean ± sd across runs)" if len(done) > 1 else "") + ":")
         lines += ["  " + s for s in format_summary(summary).splitlines()]
-    errors = [e for r in results for e in r.errors]
-    n_metric = sum(e.get("kind") == "metric" for e in errors)
-    if len(errors) - n_metric:
-        lines.append(f"{len(errors) - n_metric} checkpoint(s) could not be read: see errors.json")
-    if n_metric:
-        lines.append(f"{n_metric} metric(s) failed on a checkpoint (its other metrics are kept): see errors.json")
+    kinds = [e.get("kind", "checkpoint") for r in results for e in r.errors]
+    if kinds.count("checkpoint"):
+        lines.append(f"{kinds.count('checkpoint')} checkpoint(s) could not be read: see errors.json")
+    if kinds.count("metric"):
+        lines.append(f"{kinds.count('metric')} metric(s) failed on a checkpoint (its other metrics are kept): "
+                     "see errors.json")
+    if kinds.count("note"):
+        lines.append(f"{kinds.count('note')} note(s) on undefined values (NaN in the table, and why): see errors.json")
     where = root if is_sweep else results[0].run_dir
     lines.append(f"tables: {layout.analysis_dir(where)}/   plots: {where / 'plots'}/")
     return "\n".join(lines)

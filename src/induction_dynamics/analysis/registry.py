@@ -86,6 +86,12 @@ METRICS: tuple[Metric, ...] = (
     Metric("patch_attn_out", L, "patching", "fraction", "patching effect of block l's clean attention output"),
     Metric("patch_mlp_out", L, "patching", "fraction", "patching effect of block l's clean MLP output"),
     Metric("patch_head", H, "patching", "fraction", "patching effect of one head's clean output (hook_z)"),
+    Metric("patch_clean_logit_diff", M, "patching", "logits",
+           "the clean run's logit difference (answer - corrupted answer): the 1 of the normalised effects"),
+    Metric("patch_corrupted_logit_diff", M, "patching", "logits",
+           "the corrupted run's logit difference: the 0 of the normalised effects"),
+    Metric("patch_baseline_gap", M, "patching", "logits",
+           "clean - corrupted logit difference; within 2 standard errors of 0 the effects are NaN"),
     Metric("attribution_patch_head", H, "attribution_patching", "fraction",
            "gradient (attribution-patching) estimate of patch_head"),
     Metric("logit_lens_prob", L, "logit_lens", "probability",
@@ -134,6 +140,24 @@ def of(metric: str) -> Metric:
     return BY_NAME[name]
 
 
+PAGE = """# Analysis metrics
+
+Every metric the analysis writes, as `src/induction_dynamics/analysis/registry.py` declares it
+(this page is generated: `python -m induction_dynamics.analysis.registry > docs/metrics.md`; a
+test keeps it equal). The table's `metric` column holds the name and `stderr` its standard error
+over prompts, text windows or SGLD chains (NaN for a score of the weights); `suite id` is what
+`suite.metrics=[...]` names to compute it (`analysis/suite=llc` adds the opt-in LLC); the level
+says how its rows are laid out: `head` a row per (layer, head), `layer` a row per layer (the
+logit lens: per number of blocks applied, 0 = the embeddings), `model` one row with
+layer = head = -1, `pair` a row per receiving head with the sending head in the name
+(`k_composition/L0H2` at layer 1, head 3), `token` the per-token losses in
+`analysis/token_losses.parquet`. "Expected while heads form" is the direction the phase detector
+takes as the phase change (Olsson et al. 2022); a change the other way is reported as such.
+W&B keys: `analysis/<metric>[/L<layer>[H<head>]]`, and `analysis/<metric>_max` for the max over heads.
+
+"""
+
+
 def markdown_table() -> str:
     """The metric list of docs/metrics.md, from the declarations."""
     lines = ["| metric | level | unit | suite id | expected while heads form | what it is |",
@@ -142,3 +166,7 @@ def markdown_table() -> str:
         suite = f"`{m.suite}`" + (" (opt-in)" if m.suite in OPT_IN else "") if m.suite else "(checkpoint)"
         lines.append(f"| `{m.name}` | {m.level} | {m.unit} | {suite} | {m.direction} | {m.description} |")
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # docs/metrics.md
+    print(PAGE + markdown_table(), end="")

@@ -1,27 +1,32 @@
-"""The per-checkpoint metric suite: one model in, tidy rows (metric, layer, head, value) out.
+"""The per-checkpoint metric suite: one model in, tidy rows (metric, layer, head, value, stderr) out.
 
 Every number comes from the toolkit (``induction_dynamics.interpretability``); this module
 only runs it on a run's fixed ``Prompts`` and lays the results out as rows. One function per
 suite id (config ``suite.metrics``), registered with ``@computes``: it returns
 ``{metric name: value}`` for the metrics ``registry.METRICS`` says it produces, each value
-shaped as the metric's level says (``registry`` module docstring); ``run_suite`` turns them
-into rows. Adding a metric is one such function plus its ``registry.Metric`` entries
-(``docs/extending.md``).
+shaped as the metric's level says (``registry`` module docstring), as an ``Estimate`` (mean
+and standard error over its sampling units: prompts, windows, chains) where it is a mean over
+samples, bare where it is not (scores of the weights); ``run_suite`` turns them into rows.
+Adding a metric is one such function plus its ``registry.Metric`` entries (``docs/extending.md``).
 
-The text windows go through the model once however many metrics read them (``Context.text``):
-the previous-token scores, the ICL score and the per-token losses share one forward.
+The text windows are streamed through the model once however many metrics read them
+(``Context.text``, a ``TextPass``): the previous-token scores, the ICL score and the per-token
+losses accumulate chunk by chunk, so memory does not grow with the number of windows.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
 import torch
 
 from induction_dynamics.analysis import registry
+from induction_dynamics.analysis.estimate import Estimate, Moments, of_samples, ratio
 from induction_dynamics.analysis.prompts import Prompts
 from induction_dynamics.analysis.table import pair_metric
 from induction_dynamics.errors import one_line
@@ -30,7 +35,7 @@ from induction_dynamics.interpretability import composition as comp
 from induction_dynamics.interpretability import logit_lens as ll
 from induction_dynamics.interpretability import metrics as M
 from induction_dynamics.interpretability.llc import estimate_llc
-from induction_dynamics.interpretability.utils import attention_patterns
+from induction_dynamics.interpretability.utils import HookManager, layer_of
 
 Values = dict[str, "torch.Tensor | float"]
 COMPUTE: dict[str, Callable[["Context"], Values]] = {}
@@ -47,130 +52,199 @@ def computes(suite_id: str):
     return register
 
 
-class TextRun:
-    """``prompts.text`` through the model once, however many metrics read it (previous-token
-    scores, ICL score, per-token losses): every further forward of it would repeat the first.
-    With ``patterns`` the forward also keeps the attention patterns (then it is the explicit-
-    attention forward, which the patterns need anyway); runs on first use."""
+class TextPass:
+    """A set of text windows streamed through the model in chunks, every metric that reads them
+    accumulated as it goes (``estimate.Moments``): memory holds one chunk's activations and
+    logits, never the whole set's. Per window (the sampling unit): its mean loss, its loss at
+    the late minus the early ICL position, and, with ``patterns``, each head's previous-token
+    score, reduced from the attention pattern inside the forward so no pattern outlives its
+    layer. With ``keep_losses`` every window's per-token losses are kept (the PCA plot's input,
+    W x (T-1) numbers)."""
 
-    def __init__(self, model, tokens: torch.Tensor, patterns: bool):
-        self.model, self.tokens, self.keep_patterns = model, tokens, patterns
-        self._out = None
+    def __init__(self, model, windows: torch.Tensor, chunk: int, icl: tuple[int, int], *,
+                 patterns: bool = False, keep_losses: bool = False, precision: str = "float32"):
+        self.loss, self.icl, self.previous_token = Moments(), Moments(), Moments()
+        self.token_losses = None
+        early, late = icl
+        kept = []
+        scores: dict[int, torch.Tensor] = {}
 
-    def _run(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self._out is None:
-            if self.keep_patterns:
-                patterns, logits = attention_patterns(self.model, self.tokens, with_logits=True)
-            else:
-                logits, patterns = self.model(self.tokens)[0], None
-            self._out = M.per_token_losses(self.model, self.tokens, logits), patterns
-        return self._out
+        def previous_token(pattern, hook):  # (b, nh, T, T) -> (b, nh): mean of A[i, i-1]
+            scores[layer_of(hook.name)] = pattern.diagonal(offset=-1, dim1=-2, dim2=-1).float().mean(-1)
 
-    @property
-    def losses(self) -> torch.Tensor:
-        """(W, T-1) per-token losses: entry t is the loss of predicting token t+1."""
-        return self._run()[0]
+        hooks = [("attn.hook_pattern", previous_token)] if patterns else []
+        autocast = (torch.autocast(windows.device.type, dtype=torch.bfloat16) if precision == "bfloat16"
+                    else contextlib.nullcontext())
+        with HookManager(model).hooks(hooks):
+            for chunk_windows in windows.split(chunk):
+                scores.clear()
+                with autocast:
+                    logits, _ = model(chunk_windows)
+                losses = M.per_token_losses(model, chunk_windows, logits.float())  # (b, T-1)
+                del logits
+                self.loss.add(losses.mean(1))
+                self.icl.add(losses[:, late] - losses[:, early])
+                if patterns:
+                    self.previous_token.add(torch.stack([scores[l] for l in sorted(scores)], 1))  # (b, L, nh)
+                if keep_losses:
+                    kept.append(losses.float().cpu())
+        if keep_losses:
+            self.token_losses = torch.cat(kept)  # (W, T-1)
 
-    @property
-    def patterns(self) -> torch.Tensor:
-        """(n_layer, W, n_head, T, T) attention patterns."""
-        return self._run()[1]
+
+def chunk_size(requested: int | None, n_windows: int, T: int, vocab: int, n_head: int) -> int:
+    """Windows per forward: ``requested``, else as many as keep one chunk's logits (T x vocab per
+    window) and one layer's attention pattern (n_head x T x T) under 2^25 floats each (128 MiB):
+    GPT-2 small at block 256 gets 2 windows a chunk, the quickstart model all of them."""
+    if requested:
+        return max(1, int(requested))
+    budget = 1 << 25
+    return max(1, min(n_windows, budget // (T * vocab), budget // (n_head * T * T)))
 
 
 @dataclass
 class Context:
-    """What a computation may read: the model, the run's prompts, and the shared text forward."""
+    """What a computation may read: the model, the run's prompts, and the streamed text passes."""
 
     model: torch.nn.Module
     prompts: Prompts
     metrics: tuple[str, ...]
+    chunk: int | None = None   # windows per forward (``chunk_size``)
+    precision: str = "float32"  # of the text windows' forwards
+    notes: list[dict] = field(default_factory=list)  # what a computation says about its numbers
+
+    def _pass(self, windows: torch.Tensor, **kw) -> TextPass:
+        cfg = self.model.config
+        n = chunk_size(self.chunk, len(windows), windows.shape[1], cfg.vocab_size, cfg.n_head)
+        return TextPass(self.model, windows, n, (self.prompts.icl_early, self.prompts.icl_late),
+                        precision=self.precision, **kw)
 
     @cached_property
-    def text(self) -> TextRun:
-        return TextRun(self.model, self.prompts.text, patterns="previous_token" in self.metrics)
+    def text(self) -> TextPass:
+        """``prompts.text`` once, for every metric that reads it (previous-token, ICL, token losses)."""
+        return self._pass(self.prompts.text, patterns="previous_token" in self.metrics,
+                          keep_losses="token_loss" in self.metrics)
+
+    @cached_property
+    def text_repeats(self) -> TextPass:
+        return self._pass(self.prompts.text_repeats)
+
+
+def per_prompt(values: torch.Tensor) -> Estimate:
+    """A score computed on each prompt, (n_layer, B, n_head) or (B,): its mean and standard error."""
+    return of_samples(values.transpose(0, 1) if values.dim() == 3 else values)
 
 
 @computes("induction")
 def _induction(c: Context) -> Values:
-    return {"induction_score": M.induction_scores(c.model, c.prompts.induction, c.prompts.induction_seq_len)}
+    p = c.prompts
+    return {"induction_score": per_prompt(M.induction_scores(c.model, p.induction, p.induction_seq_len, True))}
 
 
 @computes("prefix_matching")
 def _prefix_matching(c: Context) -> Values:
-    return {"prefix_matching_score": M.prefix_matching_scores(c.model, c.prompts.prefix, c.prompts.prefix_seq_len)}
+    p = c.prompts
+    return {"prefix_matching_score": per_prompt(M.prefix_matching_scores(c.model, p.prefix, p.prefix_seq_len, True))}
 
 
 @computes("previous_token")
 def _previous_token(c: Context) -> Values:
-    return {"previous_token_score": M.previous_token_score_from_pattern(c.text.patterns)}
+    return {"previous_token_score": c.text.previous_token.estimate()}
 
 
 @computes("duplicate_token")
 def _duplicate_token(c: Context) -> Values:
-    return {"duplicate_token_score": M.duplicate_token_scores(c.model, c.prompts.induction,
-                                                              c.prompts.induction_seq_len)}
+    p = c.prompts
+    return {"duplicate_token_score": per_prompt(M.duplicate_token_scores(c.model, p.induction, p.induction_seq_len,
+                                                                         True))}
 
 
 @computes("copying")
 def _copying(c: Context) -> Values:
-    return {"copying_score": M.copying_scores(c.model, c.prompts.induction)}
+    return {"copying_score": per_prompt(M.copying_scores(c.model, c.prompts.induction, per_prompt=True))}
 
 
 @computes("ov_copying")
 def _ov_copying(c: Context) -> Values:
-    return {"ov_copying_score": M.ov_copying_scores(c.model)}
+    return {"ov_copying_score": M.ov_copying_scores(c.model)}  # of the weights: no sampling error
 
 
 @computes("icl")
 def _icl(c: Context) -> Values:
-    return {"icl_score": M.icl_score_from_losses(c.text.losses, c.prompts.icl_early, c.prompts.icl_late)}
+    return {"icl_score": c.text.icl.estimate()}
 
 
 @computes("icl_repeats")
 def _icl_repeats(c: Context) -> Values:
-    p = c.prompts
-    return {"icl_score_repeats": M.icl_score(c.model, p.text_repeats, p.icl_early, p.icl_late)}
+    return {"icl_score_repeats": c.text_repeats.icl.estimate()}
 
 
 @computes("token_loss")
 def _token_loss(c: Context) -> Values:
-    losses = c.text.losses  # (W, T-1)
-    return {"text_loss": losses.mean().item(), "token_loss": losses}
+    return {"text_loss": c.text.loss.estimate(), "token_loss": c.text.token_losses}
 
 
 @computes("induction_loss")
 def _induction_loss(c: Context) -> Values:
-    first, second = M.repeated_sequence_loss(c.model, c.prompts.induction, c.prompts.induction_seq_len)
-    return {"induction_loss_first": first, "induction_loss_second": second}
+    first, second = M.repeated_sequence_loss(c.model, c.prompts.induction, c.prompts.induction_seq_len, True)
+    return {"induction_loss_first": per_prompt(first), "induction_loss_second": per_prompt(second)}
+
+
+def _normalised(rows: torch.Tensor, run) -> Estimate:
+    """Normalised patching effects (n_components,) with their delta-method standard errors over
+    the prompts; NaN where ``run.undefined`` (the clean - corrupted gap is within its noise)."""
+    est = ratio((rows - run.corrupted_rows).transpose(0, 1), run.clean_rows - run.corrupted_rows)
+    if run.undefined:
+        return Estimate(torch.full_like(est.value, math.nan), torch.full_like(est.value, math.nan))
+    return Estimate(est.value, est.stderr)
+
+
+def _baselines(run) -> Values:
+    return {"patch_clean_logit_diff": of_samples(run.clean_rows),
+            "patch_corrupted_logit_diff": of_samples(run.corrupted_rows),
+            "patch_baseline_gap": of_samples(run.clean_rows - run.corrupted_rows)}
 
 
 @computes("patching")
 def _patching(c: Context) -> Values:
-    """resid, attn_out, mlp_out (MLP models) and heads, from one setup forward (``patch_suite``)."""
+    """resid, attn_out, mlp_out (MLP models) and heads, from one setup forward (``patch_suite``),
+    and the clean and corrupted baselines they are normalised with."""
     p = c.prompts.patching
-    effects = ap.patch_suite(c.model, p.clean, p.corrupted, p.answer, p.corrupted_answer)
+    effects, parts, run = ap.patch_suite(c.model, p.clean, p.corrupted, p.answer, p.corrupted_answer, with_run=True)
     names = {"resid": "patch_resid", "attn_out": "patch_attn_out", "mlp_out": "patch_mlp_out", "heads": "patch_head"}
-    return {names[part]: values for part, values in effects.items()}
+    out = _baselines(run)
+    for part, where in parts.items():
+        e = _normalised(run.patched_rows[where], run)
+        shape = effects[part].shape
+        out[names[part]] = Estimate(e.value.reshape(shape), e.stderr.reshape(shape))
+    if run.undefined:
+        c.notes.append({"metric": "patching", "note": f"normalised effects undefined (NaN): {run.undefined}"})
+    return out
 
 
 @computes("attribution_patching")
 def _attribution_patching(c: Context) -> Values:
     p = c.prompts.patching
     with torch.enable_grad():
-        return {"attribution_patch_head": ap.attribution_patch_heads(c.model, p.clean, p.corrupted, p.answer,
-                                                                     p.corrupted_answer)}
+        rows, clean, corrupted = ap.attribution_patch_heads(c.model, p.clean, p.corrupted, p.answer,
+                                                            p.corrupted_answer, per_prompt=True)
+    est = ratio(rows, clean - corrupted)  # (B, L, nh) over (B,): the same normalisation as patching
+    if ap.undefined_reason(clean, corrupted)[1]:
+        est = Estimate(torch.full_like(est.value, math.nan), torch.full_like(est.value, math.nan))
+    return {"attribution_patch_head": est}
 
 
 @computes("logit_lens")
 def _logit_lens(c: Context) -> Values:
     p = c.prompts.patching
     lens = ll.logit_lens(c.model, p.clean, target_position=-1, target=p.answer)
-    return {"logit_lens_prob": lens.target_probs, "logit_lens_rank": lens.target_ranks,
+    return {"logit_lens_prob": of_samples(lens.target_prob_rows.transpose(0, 1)),
+            "logit_lens_rank": of_samples(lens.target_rank_rows.transpose(0, 1)),
             "logit_lens_convergence_layer": float(ll.measure_convergence(lens)["convergence_layer"])}
 
 
 @computes("composition")
-def _composition(c: Context) -> Values:
+def _composition(c: Context) -> Values:  # of the weights: no sampling error
     cfg = c.model.config
     out: Values = {f"{kind.lower()}_composition": scores for kind, scores in comp.all_composition_scores(c.model).items()}
     out["composition_baseline"] = comp.composition_baseline(cfg.n_embd, cfg.n_embd // cfg.n_head)
@@ -187,33 +261,45 @@ def _llc(c: Context) -> Values:
 # --------------------------------------------------------------------------- values -> rows
 
 def rows_of(metric: registry.Metric, value) -> list[tuple]:
-    """The tidy rows (metric, layer, head, value) of one computed value, laid out by its level."""
+    """The tidy rows (metric, layer, head, value, stderr) of one computed value, laid out by its
+    level; an ``Estimate`` brings its standard error, a bare value has none (NaN)."""
+    if isinstance(value, Estimate):
+        value, stderr = value.value, value.stderr
+    else:
+        stderr = math.nan
     if metric.level == registry.Level.model:
-        return [(metric.name, -1, -1, float(value))]
-    values = torch.as_tensor(value)
+        return [(metric.name, -1, -1, float(value), float(stderr))]
+    values = torch.as_tensor(value).cpu()
+    errs = torch.as_tensor(stderr, dtype=torch.float64).cpu().expand(values.shape)
     if metric.level == registry.Level.layer:
-        return [(metric.name, l, -1, float(v)) for l, v in enumerate(values.tolist())]
+        return [(metric.name, l, -1, float(v), float(e)) for l, (v, e) in enumerate(zip(values.tolist(), errs.tolist()))]
     if metric.level == registry.Level.head:
-        return [(metric.name, l, h, float(v)) for l, row in enumerate(values.tolist()) for h, v in enumerate(row)]
+        return [(metric.name, l, h, float(v), float(e)) for l, (row, erow) in enumerate(zip(values.tolist(), errs.tolist()))
+                for h, (v, e) in enumerate(zip(row, erow))]
     if metric.level == registry.Level.pair:  # every sender in an earlier layer than its receiver
         L, H = values.shape[:2]
-        return [(pair_metric(metric.name, la, ha), lb, hb, float(values[la, ha, lb, hb]))
+        return [(pair_metric(metric.name, la, ha), lb, hb, float(values[la, ha, lb, hb]), float(errs[la, ha, lb, hb]))
                 for la in range(L) for ha in range(H) for lb in range(la + 1, L) for hb in range(H)]
     raise ValueError(f"{metric.name}: level {metric.level} has no tidy rows")
 
 
 @torch.no_grad()
-def run_suite(model, prompts: Prompts, metrics,
-              errors: list[dict] | None = None) -> tuple[list[tuple], np.ndarray | None]:
-    """Evaluate the suite ids ``metrics`` on one model: ``([(metric, layer, head, value), ...], token losses)``.
+def run_suite(model, prompts: Prompts, metrics, errors: list[dict] | None = None,
+              chunk: int | None = None, precision: str = "float32") -> tuple[list[tuple], np.ndarray | None]:
+    """Evaluate the suite ids ``metrics`` on one model:
+    ``([(metric, layer, head, value, stderr), ...], token losses)``.
 
     token losses: the (W * (T-1),) float32 per-token losses on the text windows (the token-level
-    metric), or None when ``token_loss`` is not in ``metrics`` (or it failed).
+    metric), or None when ``token_loss`` is not in ``metrics`` (or it failed). ``chunk``: text
+    windows per forward (``chunk_size``; None: by the model's size); ``precision``: "bfloat16"
+    runs the text windows' forwards under autocast (every other computation stays float32).
     A computation that raises gives no rows; with ``errors`` given, ``{"metric", "error"}`` (one
-    line) is appended there and the others still run. Without it the exception propagates.
+    line) is appended there and the others still run. Without it the exception propagates. A
+    computation that has something to say about its numbers (normalised effects left undefined)
+    appends ``{"metric", "note"}`` there too.
     """
     metrics = tuple(str(m) for m in metrics)
-    context = Context(model, prompts, metrics)
+    context = Context(model, prompts, metrics, chunk, str(precision))
     rows: list[tuple] = []
     tokens = None
     for suite_id in metrics:
@@ -231,4 +317,6 @@ def run_suite(model, prompts: Prompts, metrics,
             if errors is None:
                 raise
             errors.append({"metric": suite_id, "error": one_line(e)})
+    if errors is not None:
+        errors += context.notes
     return rows, tokens

@@ -10,6 +10,8 @@ Columns (``COLUMNS``)::
     layer        int    block index; -1 for model-level metrics
     head         int    head index; -1 for layer- and model-level metrics
     value        float
+    stderr       float  standard error of value over its prompts, windows or chains; NaN where
+                        none applies (a score of the weights, the trainer's val_loss)
 
 ``-1`` (not NaN) marks "not indexed by layer/head" so the columns stay integers and
 ``groupby(["layer", "head"])`` keeps model-level rows (pandas drops NaN keys by default).
@@ -38,9 +40,9 @@ import pandas as pd
 from induction_dynamics.analysis import registry
 from induction_dynamics.files import atomic_write, write_text
 
-COLUMNS = ["run", "seed", "step", "tokens_seen", "metric", "layer", "head", "value"]
+COLUMNS = ["run", "seed", "step", "tokens_seen", "metric", "layer", "head", "value", "stderr"]
 DTYPES = {"run": "string", "seed": "int64", "step": "int64", "tokens_seen": "int64",
-          "metric": "string", "layer": "int64", "head": "int64", "value": "float64"}
+          "metric": "string", "layer": "int64", "head": "int64", "value": "float64", "stderr": "float64"}
 TOKEN_LOSS_PREFIX = "tok_"
 
 def pair_metric(family: str, layer: int, head: int) -> str:
@@ -91,8 +93,11 @@ def circuit_composition(df: pd.DataFrame) -> dict[str, pd.Series] | None:
 
 
 def make_frame(records: list[dict] | pd.DataFrame) -> pd.DataFrame:
-    """A DataFrame with exactly COLUMNS in order and the schema's dtypes."""
+    """A DataFrame with exactly COLUMNS in order and the schema's dtypes (a table saved before
+    standard errors were kept gets NaN ones)."""
     df = pd.DataFrame(records)
+    if "stderr" not in df.columns:
+        df = df.assign(stderr=np.nan)
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"results table lacks columns {missing}")
@@ -126,6 +131,17 @@ def curve(df: pd.DataFrame, name: str) -> pd.Series:
     return model_metric(df, name)
 
 
+def curve_stderr(df: pd.DataFrame, name: str) -> pd.Series:
+    """The standard error of ``curve(df, name)`` per step: a model-level metric's own; for
+    ``<metric>_max``, that of the head that holds the maximum at that step."""
+    if name.endswith("_max") and name[:-4] in registry.BY_NAME:
+        d = df[(df["metric"] == name[:-4]) & (df["head"] >= 0)]
+        top = d.loc[d.groupby("step")["value"].idxmax().dropna()]
+        return top.set_index("step")["stderr"].sort_index()
+    d = df[(df["metric"] == name) & (df["layer"] == -1) & (df["head"] == -1)]
+    return d.groupby("step")["stderr"].mean().sort_index()
+
+
 def head_matrix(df: pd.DataFrame, metric: str) -> tuple[np.ndarray, list[str], np.ndarray]:
     """(steps, labels "L.H", values (n_heads, n_steps)) of a head-level metric, for heatmaps."""
     d = df[(df["metric"] == metric) & (df["head"] >= 0)]
@@ -134,10 +150,11 @@ def head_matrix(df: pd.DataFrame, metric: str) -> tuple[np.ndarray, list[str], n
     return wide.columns.to_numpy(), labels, wide.to_numpy()
 
 
-def layer_matrix(df: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """A layer-level metric as a DataFrame: index step, one column per layer."""
+def layer_matrix(df: pd.DataFrame, metric: str, column: str = "value") -> pd.DataFrame:
+    """A layer-level metric as a DataFrame: index step, one column per layer (``column``:
+    "value" or "stderr"). A step whose values are all NaN stays, as NaN (a gap in the plot)."""
     d = df[(df["metric"] == metric) & (df["head"] == -1) & (df["layer"] >= 0)]
-    return d.pivot_table(index="step", columns="layer", values="value", aggfunc="mean").sort_index()
+    return d.pivot_table(index="step", columns="layer", values=column, aggfunc="mean", dropna=False).sort_index()
 
 
 def wandb_key(metric: str, layer: int, head: int) -> str:
@@ -150,9 +167,15 @@ def wandb_key(metric: str, layer: int, head: int) -> str:
 
 
 def wide_by_step(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per checkpoint: step, tokens_seen, every cell as a W&B-style column, plus <metric>_max."""
+    """One row per checkpoint: step, tokens_seen, every cell as a W&B-style column, plus <metric>_max
+    and, for a model-level metric with a standard error, ``analysis/<metric>_stderr``."""
     out = df.assign(key=[wandb_key(m, l, h) for m, l, h in zip(df["metric"], df["layer"], df["head"])])
     wide = out.pivot_table(index=["step", "tokens_seen"], columns="key", values="value", aggfunc="mean")
+    errs = out[(out["layer"] == -1) & (out["head"] == -1) & out["stderr"].notna()]
+    if not errs.empty:
+        errs = errs.assign(key=errs["key"] + "_stderr")
+        wide = wide.join(errs.pivot_table(index=["step", "tokens_seen"], columns="key", values="stderr",
+                                          aggfunc="mean"))
     for metric in df.loc[df["head"] >= 0, "metric"].unique():
         if registry.of(metric).level == registry.Level.pair:
             continue  # a pair's sender is in its name: no max over heads

@@ -64,14 +64,20 @@ class RunContext:
         self.errors[:] = [e for e in self.errors if e["step"] != step] + new
 
 
+def run_options(suite_cfg) -> dict:
+    """How the suite runs, not what it computes: ``run_suite``'s ``chunk`` and ``precision``."""
+    return {"chunk": suite_cfg.get("chunk_windows"), "precision": str(suite_cfg.get("precision", "float32"))}
+
+
 def checkpoint_rows(model, ckpt: dict, step: int, prompts: Prompts, metrics,
-                    errors: list[dict] | None = None) -> tuple[pd.DataFrame, np.ndarray | None]:
-    """(the checkpoint's rows: step, tokens_seen, metric, layer, head, value; its per-token losses).
-    ``errors``: collects failing metrics instead of raising (``suite.run_suite``)."""
-    rows, tokens = run_suite(model, prompts, metrics, errors=errors)
+                    errors: list[dict] | None = None, options: dict | None = None) -> tuple[pd.DataFrame, np.ndarray | None]:
+    """(the checkpoint's rows: step, tokens_seen, metric, layer, head, value, stderr; its per-token
+    losses). ``errors``: collects failing metrics instead of raising; ``options``: ``run_options``
+    (``suite.run_suite``)."""
+    rows, tokens = run_suite(model, prompts, metrics, errors=errors, **(options or {}))
     if ckpt.get("val_loss") is not None:
-        rows.append(("val_loss", -1, -1, float(ckpt["val_loss"])))
-    df = pd.DataFrame(rows, columns=["metric", "layer", "head", "value"])
+        rows.append(("val_loss", -1, -1, float(ckpt["val_loss"]), float("nan")))
+    df = pd.DataFrame(rows, columns=["metric", "layer", "head", "value", "stderr"])
     df.insert(0, "step", step)
     df.insert(1, "tokens_seen", int(ckpt.get("tokens_seen", -1)))
     return df, tokens
@@ -105,8 +111,8 @@ def prepare_run(run_dir: Path, label: str, cfg) -> RunContext | None:
 
 
 def cache_checkpoint(run_dir: str, label: str, step: int, path: str, prompts: Prompts, metrics: list[str],
-                       expected_args: dict, fingerprint: str, device: str = "cpu",
-                       threads: int | None = None) -> dict:
+                     expected_args: dict, fingerprint: str, device: str = "cpu", threads: int | None = None,
+                     options: dict | None = None) -> dict:
     """Analyse one checkpoint and write its cache files. Never raises: errors come back as data.
 
     Runs in a worker process when n_jobs > 1, hence plain arguments and ``threads``
@@ -127,9 +133,11 @@ def cache_checkpoint(run_dir: str, label: str, step: int, path: str, prompts: Pr
         model = model_from_checkpoint(ckpt, device)
     except Exception as e:  # a bad checkpoint must not stop the sweep; report it in one line
         return {"run": label, "step": step, "path": str(path), "ok": False, "kind": "checkpoint", "error": one_line(e)}
-    df, tokens = checkpoint_rows(model, ckpt, step, prompts.to(device), metrics, errors=metric_errors)
+    del ckpt["model"]  # the weights are in the model now; a GPT-2-sized copy is half a gigabyte
+    df, tokens = checkpoint_rows(model, ckpt, step, prompts.to(device), metrics, errors=metric_errors, options=options)
     _save_attention(model, ckpt, prompts, layout.attention_cache_path(run_dir, step), device, metric_errors)
-    metric_errors = [{"run": label, "step": step, "path": str(path), "kind": "metric", **e} for e in metric_errors]
+    metric_errors = [{"run": label, "step": step, "path": str(path), "kind": "note" if "note" in e else "metric", **e}
+                     for e in metric_errors]
     if tokens is not None:
         atomic_write(layout.token_cache_path(run_dir, step), lambda f: np.save(f, tokens.astype(np.float32)))
     write_json({"key": key, "metric_errors": metric_errors}, layout.key_path(run_dir, step))
@@ -154,7 +162,7 @@ def _save_attention(model, ckpt: dict, prompts: Prompts, path: Path, device, err
 
 
 def cache_pending(contexts: list[RunContext], n_jobs: int = 1, device: str = "cpu",
-                    threads: int | None = None, progress: bool = True) -> list[dict]:
+                  threads: int | None = None, progress: bool = True, options: dict | None = None) -> list[dict]:
     """Analyse every pending checkpoint of ``contexts``, ``n_jobs`` at a time; returns the statuses."""
     tasks = []
     for c in contexts:
@@ -171,12 +179,12 @@ def cache_pending(contexts: list[RunContext], n_jobs: int = 1, device: str = "cp
     results = []
     if n_jobs == 1:
         for t in tasks:
-            results.append(cache_checkpoint(*t, threads=threads))
+            results.append(cache_checkpoint(*t, threads=threads, options=options))
             bar.update()
     else:
         threads = threads or max(1, cpu_count() // n_jobs)
         jobs = Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered")
-        for r in jobs(delayed(cache_checkpoint)(*t, threads=threads) for t in tasks):
+        for r in jobs(delayed(cache_checkpoint)(*t, threads=threads, options=options) for t in tasks):
             results.append(r)
             bar.update()
     bar.close()
@@ -184,7 +192,10 @@ def cache_pending(contexts: list[RunContext], n_jobs: int = 1, device: str = "cp
     for r in results:
         if r["ok"]:
             for e in r["metric_errors"]:
-                log.warning("%s: step %d: metric %s failed: %s", r["run"], r["step"], e["metric"], e["error"])
+                if e["kind"] == "note":
+                    log.info("%s: step %d: %s: %s", r["run"], r["step"], e["metric"], e["note"])
+                else:
+                    log.warning("%s: step %d: metric %s failed: %s", r["run"], r["step"], e["metric"], e["error"])
             by_label[r["run"]].replace_errors(r["step"], r["metric_errors"])
         else:
             log.warning("%s: skipped checkpoint step %d: %s", r["run"], r["step"], r["error"])

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from induction_dynamics.interpretability import patching_runs as runs
-from induction_dynamics.interpretability.patching_runs import Component, logit_diff  # noqa: F401  (public API)
+from induction_dynamics.interpretability.patching_runs import Component, logit_diff, logit_diffs  # noqa: F401  (public API)
 from induction_dynamics.interpretability.utils import HookManager, has_hooks, layer_of
 
 # ---------------------------------------------------------------------------------------
@@ -97,22 +97,31 @@ def default_answers(model, clean: torch.Tensor, corrupted: torch.Tensor) -> tupl
 # The generic routine
 # ---------------------------------------------------------------------------------------
 
+MIN_GAP_Z = 2.0  # a clean - corrupted gap within this many standard errors of 0 normalises nothing
+
+
 @dataclass
 class PatchRun:
-    """Effects plus the baselines they were normalised with."""
+    """Effects plus the baselines they were normalised with, and every row's logit difference."""
 
-    effects: torch.Tensor
+    effects: torch.Tensor            # (n_components,) normalised; NaN when ``undefined``
     clean_logit_diff: float
     corrupted_logit_diff: float
     answer: torch.Tensor
     corrupted_answer: torch.Tensor
+    patched_rows: torch.Tensor       # (n_components, B) the receiver's logit difference, patched
+    clean_rows: torch.Tensor         # (B,) the clean run's logit difference of each row
+    corrupted_rows: torch.Tensor     # (B,)
+    gap_stderr: float                # standard error of clean - corrupted over the rows (NaN for one row)
+    undefined: str = ""              # why the effects are NaN ("" when they are defined)
 
 
 @torch.no_grad()
 def run_patching(model, clean: torch.Tensor, corrupted: torch.Tensor, components: Iterable[Component],
                  answer=None, corrupted_answer=None, *, donor: str = "clean", receiver: str = "corrupted",
-                 batched: bool = True, max_rows: int = 2048, show_progress: bool = False) -> PatchRun:
-    """``patch`` with its baselines and answers (see there)."""
+                 batched: bool = True, max_rows: int = 2048, show_progress: bool = False,
+                 min_gap_z: float | None = None) -> PatchRun:
+    """``patch`` with its baselines, answers and every row's values (see there)."""
     if {donor, receiver} - {"clean", "corrupted"}:
         raise ValueError("donor and receiver must be 'clean' or 'corrupted'")
     if clean.shape != corrupted.shape:
@@ -128,18 +137,39 @@ def run_patching(model, clean: torch.Tensor, corrupted: torch.Tensor, components
         answer = a if answer is None else answer
         corrupted_answer = c if corrupted_answer is None else corrupted_answer
     answer, corrupted_answer = _as_answer(answer, B, clean.device), _as_answer(corrupted_answer, B, clean.device)
-    clean_ld, corr_ld = logit_diff(last[:, None], answer, corrupted_answer).tolist()
+    clean_rows, corr_rows = logit_diffs(last[:, None], answer, corrupted_answer)  # (B,) each
+    clean_ld, corr_ld = clean_rows.mean().item(), corr_rows.mean().item()
     rows = {"clean": slice(0, B), "corrupted": slice(B, 2 * B)}
     recv_input = clean if receiver == "clean" else corrupted
     if batched:
-        raw = runs.patched_logit_diffs(model, hm, setup, rows[donor], rows[receiver], recv_input, components,
-                                       answer, corrupted_answer, max_rows, show_progress)
+        patched = runs.patched_logit_diffs(model, hm, setup, rows[donor], rows[receiver], recv_input, components,
+                                           answer, corrupted_answer, max_rows, show_progress)
     else:
-        raw = runs.one_at_a_time(model, hm, setup, rows[donor], recv_input, components, answer, corrupted_answer,
-                                 show_progress)
+        patched = runs.one_at_a_time(model, hm, setup, rows[donor], recv_input, components, answer,
+                                     corrupted_answer, show_progress)
+    raw = patched.mean(-1)  # (n_components,) the metric: the batch mean
     denom = clean_ld - corr_ld
-    effects = torch.full_like(raw, float("nan")) if abs(denom) < 1e-12 else (raw - corr_ld) / denom
-    return PatchRun(effects, clean_ld, corr_ld, answer, corrupted_answer)
+    gap_se, undefined = undefined_reason(clean_rows, corr_rows, MIN_GAP_Z if min_gap_z is None else min_gap_z)
+    effects = torch.full_like(raw, float("nan")) if undefined else (raw - corr_ld) / denom
+    return PatchRun(effects, clean_ld, corr_ld, answer, corrupted_answer, patched, clean_rows.cpu(),
+                    corr_rows.cpu(), gap_se, undefined)
+
+
+
+def undefined_reason(clean_rows: torch.Tensor, corrupted_rows: torch.Tensor,
+                     min_gap_z: float | None = None) -> tuple[float, str]:
+    """(standard error of the clean - corrupted gap over the rows, why normalised effects are
+    undefined: "" when the gap stands out of its noise). One row: no standard error, only an
+    exactly vanishing gap is undefined."""
+    min_gap_z = MIN_GAP_Z if min_gap_z is None else min_gap_z
+    gap = (clean_rows - corrupted_rows).double()
+    mean = gap.mean().item()
+    se = (gap.std() / len(gap) ** 0.5).item() if len(gap) > 1 else float("nan")
+    if abs(mean) < 1e-12:
+        return se, "the clean and corrupted runs give the same logit difference"
+    if se == se and abs(mean) <= min_gap_z * se:
+        return se, f"the clean - corrupted gap {mean:.3g} is within {min_gap_z:g} standard errors ({se:.2g}) of zero"
+    return se, ""
 
 
 def patch(model, clean: torch.Tensor, corrupted: torch.Tensor, components: Iterable[Component],
@@ -149,8 +179,10 @@ def patch(model, clean: torch.Tensor, corrupted: torch.Tensor, components: Itera
     donor/receiver (keywords): which run the activations come from and which receives them.
     The default (clean into corrupted, "denoising") asks what a component restores;
     ``donor="corrupted", receiver="clean"`` ("noising") asks what breaks the clean run.
-    Effects are ``(patched - corrupted) / (clean - corrupted)`` either way (NaN when the
-    clean and corrupted runs give the same logit difference). Without answers:
+    Effects are ``(patched - corrupted) / (clean - corrupted)`` either way, NaN when the
+    clean and corrupted runs give the same logit difference or when their gap over the batch
+    is within ``min_gap_z`` (default 2) standard errors of zero: the ratio is then a ratio of
+    noise (``run_patching`` says why, in ``PatchRun.undefined``). Without answers:
     answer = the clean run's top prediction at the last position, corrupted_answer = the
     corrupted run's (its second choice where both agree). ``batched=False``: one full
     forward per component (the reference); ``max_rows`` caps the patched rows (components
@@ -219,13 +251,14 @@ def patch_heads_by_position(model, clean, corrupted, answer=None, corrupted_answ
 
 
 def patch_suite(model, clean, corrupted, answer=None, corrupted_answer=None, *, position: int | None = -1,
-                **kw) -> dict[str, torch.Tensor]:
+                with_run: bool = False, **kw):
     """Every per-layer and per-head variant from one setup forward and shared batches.
 
     ``{"resid": (n_layer,), "attn_out": (n_layer,), "mlp_out": (n_layer,) [MLP models],
     "heads": (n_layer, n_head)}``, equal to ``patch_residual_by_layer`` (at ``position``),
     ``patch_attn_out_by_layer``, ``patch_mlp_out_by_layer`` and ``patch_heads``; cheaper than
-    calling them one by one (one clean+corrupted forward instead of four).
+    calling them one by one (one clean+corrupted forward instead of four). ``with_run``:
+    ``(that dict, {part: slice of the components}, the PatchRun)``, for every row's values.
     """
     L, H = _n_layer_head(model)
     parts = {"resid": [Component(f"transformer.h.{l}.hook_resid_post", None, position) for l in range(L)],
@@ -233,18 +266,19 @@ def patch_suite(model, clean, corrupted, answer=None, corrupted_answer=None, *, 
     if not model.config.attn_only:
         parts["mlp_out"] = [Component(f"transformer.h.{l}.hook_mlp_out") for l in range(L)]
     parts["heads"] = [Component(f"transformer.h.{l}.attn.hook_z", h) for l in range(L) for h in range(H)]
-    effects = patch(model, clean, corrupted, [c for comps in parts.values() for c in comps],
-                    answer, corrupted_answer, **kw)
-    out, start = {}, 0
+    run = run_patching(model, clean, corrupted, [c for comps in parts.values() for c in comps],
+                       answer, corrupted_answer, **kw)
+    out, slices, start = {}, {}, 0
     for name, comps in parts.items():
-        out[name] = effects[start:start + len(comps)]
+        slices[name] = slice(start, start + len(comps))
+        out[name] = run.effects[slices[name]]
         start += len(comps)
     out["heads"] = out["heads"].reshape(L, H)
-    return out
+    return (out, slices, run) if with_run else out
 
 
 def attribution_patch_heads(model, clean, corrupted, answer=None, corrupted_answer=None, *,
-                            by_position: bool = False) -> torch.Tensor:
+                            by_position: bool = False, per_prompt: bool = False):
     """(n_layer, n_head) [or (n_layer, n_head, T)] first-order estimate of ``patch_heads``.
 
     Attribution patching (Nanda 2023; Syed et al. 2023): the effect of replacing a head's
@@ -252,7 +286,9 @@ def attribution_patch_heads(model, clean, corrupted, answer=None, corrupted_answ
     ``(z_clean - z_corrupted) . d metric / d z`` taken at the corrupted run, so every head
     comes from one forward (clean and corrupted side by side) and one backward pass.
     Normalised like ``patch``. Exact when the metric is linear in z; it misjudges heads
-    whose effect saturates (a softmax downstream that flips).
+    whose effect saturates (a softmax downstream that flips). ``per_prompt``: the
+    un-normalised estimate of each row's change, (B, n_layer, n_head), with the clean and
+    corrupted rows' logit differences (B,) each: a tuple of three, for standard errors.
     """
     B = clean.shape[0]
     store: dict[str, torch.Tensor] = {}
@@ -270,17 +306,19 @@ def attribution_patch_heads(model, clean, corrupted, answer=None, corrupted_answ
             answer = a if answer is None else answer
             corrupted_answer = c if corrupted_answer is None else corrupted_answer
         answer, corrupted_answer = _as_answer(answer, B, clean.device), _as_answer(corrupted_answer, B, clean.device)
-        clean_ld, corr_ld = logit_diff(logits, answer, corrupted_answer)  # the two halves
+        clean_rows, corr_rows = logit_diffs(logits, answer, corrupted_answer).detach()  # (B,) each
+        clean_ld, corr_ld = logit_diff(logits, answer, corrupted_answer)  # the two halves' means
         names = sorted(store, key=layer_of)
         grads = torch.autograd.grad(corr_ld, [store[n] for n in names])  # no .grad left on parameters
     z = torch.stack([store[n].detach() for n in names])  # (L, 2B, T, nh, hs)
     g = torch.stack(grads)[:, B:]  # d corrupted metric / d z at the corrupted run
     est = ((z[:, :B] - z[:, B:]) * g).sum(-1)  # (L, B, T, nh)
+    if per_prompt:  # the metric is a batch mean, so row b's own change is B times its share
+        return (B * est.sum(2)).permute(1, 0, 2), clean_rows, corr_rows
     est = est.sum(1).permute(0, 2, 1) if by_position else est.sum((1, 2))  # (L, nh, T) or (L, nh)
-    denom = (clean_ld - corr_ld).item()
-    if abs(denom) < 1e-12:
+    if undefined_reason(clean_rows, corr_rows)[1]:  # as patch: a gap within its noise normalises nothing
         return torch.full_like(est, float("nan"))
-    return est / denom
+    return est / (clean_ld - corr_ld).item()
 
 
 # ---------------------------------------------------------------------------------------

@@ -26,8 +26,9 @@ class LogitLens:
     """Logit-lens readout at one position for a batch; layer 0 is the embedding.
 
     probs (n_layer+1, B, V); target (B,); target_probs / target_ranks (n_layer+1,) are
-    batch means (rank 0 = top prediction); ``predictions_by_layer`` lists the top-k
-    ``(token, prob)`` of example ``example`` (token = string when ``itos`` was given).
+    batch means (rank 0 = top prediction) of ``target_prob_rows`` / ``target_rank_rows``
+    (n_layer+1, B); ``predictions_by_layer`` lists the top-k ``(token, prob)`` of example
+    ``example`` (token = string when ``itos`` was given).
     """
 
     layer_names: list[str]
@@ -40,6 +41,8 @@ class LogitLens:
     top_k: int
     example: int = 0
     itos: Sequence[str] | None = field(default=None, repr=False)
+    target_prob_rows: torch.Tensor | None = field(default=None, repr=False)
+    target_rank_rows: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def n_layers(self) -> int:
@@ -94,7 +97,7 @@ def logit_lens(model, tokens: torch.Tensor, target_position: int = -1, top_k: in
     k = min(top_k, probs.shape[-1])
     top = probs[:, example].topk(k, dim=-1)
     lens = LogitLens(names, probs, target, target_position, p_target[..., 0].mean(1),
-                     ranks.float().mean(1), [], k, example, itos)
+                     ranks.float().mean(1), [], k, example, itos, p_target[..., 0], ranks.float())
     lens.predictions_by_layer = [[(lens.token(i), p) for i, p in zip(idx.tolist(), pr.tolist())]
                                  for idx, pr in zip(top.indices, top.values)]
     return lens

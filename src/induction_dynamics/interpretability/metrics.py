@@ -73,35 +73,42 @@ def induction_score_from_pattern(pattern: torch.Tensor, seq_len: int) -> torch.T
 
 
 @torch.no_grad()
-def induction_scores(model, tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """(n_layer, n_head) induction score of every head on ``tokens = [x, x]`` (see above)."""
-    return torch.stack([induction_score_from_pattern(p, seq_len) for p in attention_patterns(model, tokens)])
+def induction_scores(model, tokens: torch.Tensor, seq_len: int, per_prompt: bool = False) -> torch.Tensor:
+    """(n_layer, n_head) induction score of every head on ``tokens = [x, x]`` (see above);
+    ``per_prompt``: (n_layer, B, n_head), the score on each prompt (their mean is the score)."""
+    patterns = attention_patterns(model, tokens)  # (n_layer, B, nh, T, T)
+    if per_prompt:
+        return patterns.diagonal(offset=1 - seq_len, dim1=-2, dim2=-1)[..., 1:seq_len + 1].mean(-1)
+    return torch.stack([induction_score_from_pattern(p, seq_len) for p in patterns])
 
 
 @torch.no_grad()
-def repeated_sequence_loss(model, tokens: torch.Tensor, seq_len: int) -> tuple[float, float]:
+def repeated_sequence_loss(model, tokens: torch.Tensor, seq_len: int, per_prompt: bool = False):
     """Induction loss: mean loss on the first vs the second copy of ``[x, x]`` (nats).
 
     First copy: predictions of tokens 1 .. seq_len-1; second copy: of tokens
     seq_len+1 .. 2*seq_len-1 (the first token of the second copy is excluded: it is
     not predictable from context). An induction head drives the second toward 0.
+    Returns two floats; ``per_prompt``: two (B,) tensors, each prompt's mean.
     """
     loss = per_token_losses(model, tokens)  # (B, 2L-1): loss[:, i] predicts token i+1
-    first = loss[:, : seq_len - 1].mean().item()
-    second = loss[:, seq_len: 2 * seq_len - 1].mean().item()
-    return first, second
+    first, second = loss[:, : seq_len - 1], loss[:, seq_len: 2 * seq_len - 1]
+    if per_prompt:
+        return first.mean(1), second.mean(1)
+    return first.mean().item(), second.mean().item()
 
 
 # ---------------------------------------------------------------------------------------
 # Attention-pattern scores beyond induction (Olsson et al. 2022, appendix "Model analysis")
 # ---------------------------------------------------------------------------------------
 
-def _masked_attention_score(patterns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _masked_attention_score(patterns: torch.Tensor, mask: torch.Tensor, per_prompt: bool = False) -> torch.Tensor:
     """Mean over queries (that have at least one target) of the attention on ``mask``'s keys.
 
     patterns (n_layer, B, nh, T, T); mask (B, T, T) bool, mask[b, i, j] = key j is a target
     of query i. Returns (n_layer, n_head): sum_j A[i, j] over targets, averaged over every
     (b, i) with a target. A head that puts all its attention on the targets scores 1.0.
+    ``per_prompt``: (n_layer, B, n_head), each prompt's mean over its queries with a target.
     """
     m = mask.to(patterns.dtype)  # (B, T, T)
     has_target = mask.any(-1)  # (B, T)
@@ -109,6 +116,8 @@ def _masked_attention_score(patterns: torch.Tensor, mask: torch.Tensor) -> torch
         raise ValueError("no query position has a target key: is the prompt repeated?")
     on_target = (patterns * m[None, :, None]).sum(-1)  # (n_layer, B, nh, T)
     on_target = on_target * has_target[None, :, None].to(patterns.dtype)
+    if per_prompt:
+        return on_target.sum(3) / has_target.sum(1)[None, :, None].clamp_min(1)
     return on_target.sum((1, 3)) / has_target.sum()
 
 
@@ -121,7 +130,7 @@ def _earlier_same_token(tokens: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prefix_matching_scores(model, tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
+def prefix_matching_scores(model, tokens: torch.Tensor, seq_len: int, per_prompt: bool = False) -> torch.Tensor:
     """(n_layer, n_head) prefix-matching score (Olsson et al. 2022, appendix).
 
     Prompt: ``seq_len`` (25 in the paper) distinct random tokens repeated 4 times
@@ -129,7 +138,7 @@ def prefix_matching_scores(model, tokens: torch.Tensor, seq_len: int) -> torch.T
     that occurred before, the score is the attention it pays to the tokens that *followed*
     its earlier occurrences (all of them, summed), averaged over those queries. A perfect
     prefix-matching head (the attention half of an induction head) scores 1.0; a head that
-    attends uniformly scores about (copies seen) / position.
+    attends uniformly scores about (copies seen) / position. ``per_prompt``: (n_layer, B, n_head).
     """
     if tokens.shape[1] < 2 * seq_len:
         raise ValueError(f"prefix-matching prompt must repeat its {seq_len} tokens (got length {tokens.shape[1]})")
@@ -137,7 +146,7 @@ def prefix_matching_scores(model, tokens: torch.Tensor, seq_len: int) -> torch.T
     # key j+1 follows an earlier occurrence j; j+1 <= i always holds because j < i
     targets = torch.zeros_like(earlier)
     targets[:, :, 1:] = earlier[:, :, :-1]
-    return _masked_attention_score(attention_patterns(model, tokens), targets)
+    return _masked_attention_score(attention_patterns(model, tokens), targets, per_prompt)
 
 
 @torch.no_grad()
@@ -157,18 +166,18 @@ def previous_token_score_from_pattern(patterns: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def duplicate_token_scores(model, tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
+def duplicate_token_scores(model, tokens: torch.Tensor, seq_len: int, per_prompt: bool = False) -> torch.Tensor:
     """(n_layer, n_head) duplicate-token score: attention to earlier copies of the same token.
 
     TransformerLens / Wang et al. (2022) convention on the repeated prompt ``[x, x]``: for
     every query that occurred before (second-copy positions), the attention it pays to its
     earlier occurrences (summed), averaged over those queries. ``seq_len`` is the half
     length; only queries from position ``seq_len`` on are counted. A perfect
-    duplicate-token head scores 1.0.
+    duplicate-token head scores 1.0. ``per_prompt``: (n_layer, B, n_head).
     """
     targets = _earlier_same_token(tokens)
     targets[:, :seq_len] = False  # queries of the first copy: no earlier occurrence by design
-    return _masked_attention_score(attention_patterns(model, tokens), targets)
+    return _masked_attention_score(attention_patterns(model, tokens), targets, per_prompt)
 
 
 # ---------------------------------------------------------------------------------------
@@ -217,7 +226,7 @@ def ov_copying_scores(model) -> torch.Tensor:
 
 
 @torch.no_grad()
-def copying_scores(model, tokens: torch.Tensor) -> torch.Tensor:
+def copying_scores(model, tokens: torch.Tensor, per_prompt: bool = False) -> torch.Tensor:
     """(n_layer, n_head) empirical copying score from each head's direct logit effect.
 
     Olsson et al. (2022, appendix) call a head *copying* when its direct effect on the
@@ -229,7 +238,9 @@ def copying_scores(model, tokens: torch.Tensor) -> torch.Tensor:
     divided by ``max_v |d_i[v]|``; the head's score is the mean over batch and positions.
     Range [-1, 1]: 1.0 for a perfect copying head (every attended token gets the largest
     raise), -1.0 for a perfect anti-copying (copy-suppression) head, about 0 for a head
-    whose output is unrelated to what it attends to.
+    whose output is unrelated to what it attends to. ``per_prompt``: (n_layer, B, n_head).
+    The logit effects are computed one head at a time, so memory holds (B, T, vocab), not
+    (B, n_head, T, vocab) (GPT-2's vocabulary makes the latter a gigabyte).
     """
     names = ["attn.hook_z", "attn.hook_pattern", f"transformer.h.{model.config.n_layer - 1}.hook_resid_post"]
     _, cache = HookManager(model).run_with_cache(tokens, names_filter=names)
@@ -244,13 +255,16 @@ def copying_scores(model, tokens: torch.Tensor) -> torch.Tensor:
     scores = []
     for layer in range(zs.shape[0]):
         _, w_o = head_weights(model, layer)
-        out = torch.einsum("bthd,hdc->bhtc", zs[layer], w_o)  # (B, nh, T, C) head outputs
-        out = (out - out.mean(-1, keepdim=True)) / scale[:, None]  # through frozen ln_f
-        d = (out * ln_f) @ W_U.T  # (B, nh, T, V) direct logit effect
-        d = d - d.mean(-1, keepdim=True)
-        raised = d.gather(-1, attended[:, None].expand(B, d.shape[1], T, T))  # (B, nh, T, T)
-        r = (patterns[layer] * raised).sum(-1) / d.abs().amax(-1).clamp_min(1e-12)  # (B, nh, T)
-        scores.append(r.mean((0, 2)))
+        per_head = []
+        for h in range(w_o.shape[0]):
+            out = zs[layer][:, :, h] @ w_o[h]  # (B, T, C) the head's output
+            out = (out - out.mean(-1, keepdim=True)) / scale  # through frozen ln_f
+            d = (out * ln_f) @ W_U.T  # (B, T, V) direct logit effect
+            d = d - d.mean(-1, keepdim=True)
+            raised = d.gather(-1, attended)  # (B, T, T): raise of the token at key j, at query i
+            per_head.append((patterns[layer][:, h] * raised).sum(-1) / d.abs().amax(-1).clamp_min(1e-12))  # (B, T)
+        r = torch.stack(per_head, 1)  # (B, nh, T)
+        scores.append(r.mean(2) if per_prompt else r.mean((0, 2)))
     return torch.stack(scores)
 
 

@@ -34,16 +34,20 @@ from induction_dynamics.interpretability.utils import (
 )
 
 
-def logit_diff(logits: torch.Tensor, answer: torch.Tensor, corrupted_answer: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of ``logits[:, -1, answer] - logits[:, -1, corrupted_answer]``.
+def logit_diffs(logits: torch.Tensor, answer: torch.Tensor, corrupted_answer: torch.Tensor) -> torch.Tensor:
+    """``logits[:, -1, answer] - logits[:, -1, corrupted_answer]`` of every row, (N // B, B).
 
-    logits (N, T, V) where N is a multiple of len(answer) (stacked copies of the batch);
-    returns (N // B,) one value per copy.
+    logits (N, T, V) where N is a multiple of B = len(answer) (stacked copies of the batch).
     """
     B = answer.shape[0]
     last = logits[:, -1].reshape(-1, B, logits.shape[-1])  # (n, B, V)
     idx = torch.arange(B, device=logits.device)
-    return (last[:, idx, answer] - last[:, idx, corrupted_answer]).mean(-1)
+    return last[:, idx, answer] - last[:, idx, corrupted_answer]
+
+
+def logit_diff(logits: torch.Tensor, answer: torch.Tensor, corrupted_answer: torch.Tensor) -> torch.Tensor:
+    """The patching metric: the mean over the batch of ``logit_diffs``, (N // B,) one value per copy."""
+    return logit_diffs(logits, answer, corrupted_answer).mean(-1)
 
 
 @dataclass(frozen=True)
@@ -185,11 +189,11 @@ def _patch_hook(slices: list[Component | None], donor: torch.Tensor, B: int, T: 
 def patched_logit_diffs(model, hm: HookManager, s: Setup, donor: slice, receiver: slice, recv_input: torch.Tensor,
                         components: list[Component], answer, corrupted_answer, max_rows: int,
                         show_progress: bool) -> torch.Tensor:
-    """Raw logit difference of the receiver run with each component patched from the donor:
-    stacked, max_rows // B components per forward (see the module docstring)."""
+    """Raw logit difference of every row of the receiver run with each component patched from the
+    donor, (n_components, B): stacked, max_rows // B components per forward (see the module docstring)."""
     B, T = recv_input.shape
-    recv_ld = logit_diff(s.last_logits[receiver, None], answer, corrupted_answer)[0]
-    out = recv_ld.cpu().repeat(len(components))  # what changes nothing keeps the receiver's value
+    recv_ld = logit_diffs(s.last_logits[receiver, None], answer, corrupted_answer)  # (1, B)
+    out = recv_ld.cpu().repeat(len(components), 1)  # what changes nothing keeps the receiver's value
     by_start: dict[tuple, list[int]] = {}
     for k, c in enumerate(components):
         seen = _positions_seen(model, c.hook, T, s)
@@ -210,21 +214,21 @@ def patched_logit_diffs(model, hm: HookManager, s: Setup, donor: slice, receiver
                 x = s.cache[_stream_into(model, start)][receiver]  # (B, T - p, C)
                 z = s.cache[f"transformer.h.{start}.attn.hook_z"][receiver].repeat(n, 1, 1, 1) if from_z else None
                 logits = model.forward_from(start, x.repeat(n, 1, 1), s.past_kv, s.last_only, z)
-        out[ks] = logit_diff(logits, answer, corrupted_answer).cpu()
+        out[ks] = logit_diffs(logits, answer, corrupted_answer).cpu()
     return out
 
 
 @torch.no_grad()
 def one_at_a_time(model, hm: HookManager, s: Setup, donor: slice, recv_input: torch.Tensor,
                   components: list[Component], answer, corrupted_answer, show_progress: bool) -> torch.Tensor:
-    """The plain reference: one full forward per component, its one patch hook."""
-    out = torch.empty(len(components), dtype=s.last_logits.dtype)
+    """The plain reference: one full forward per component, its one patch hook; (n_components, B)."""
+    out = torch.empty(len(components), recv_input.shape[0], dtype=s.last_logits.dtype)
     T = recv_input.shape[1]
     for k in _progress(range(len(components)), show_progress, "patching"):
         c = components[k]
         hook = _patch_hook([c], s.cache[c.hook][donor], recv_input.shape[0], T)
         logits, _ = hm.run_with_hooks(recv_input, fwd_hooks=[(c.hook, hook)])
-        out[k] = logit_diff(logits, answer, corrupted_answer)[0]
+        out[k] = logit_diffs(logits, answer, corrupted_answer)[0]
     return out
 
 

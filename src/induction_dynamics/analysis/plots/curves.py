@@ -5,10 +5,12 @@ the same model shape (one run for a run's own plots, all seeds for a sweep's), a
 ``<out_dir>/<name>.<fmt>`` for each format (``style.save``):
 
 - ``induction_heatmap``   heads (layer.head) x step, one panel per run
-- ``induction_score_max`` max induction score vs step per seed, mean +/- sd band, window shaded
+- ``induction_score_max`` max induction score vs step per seed (± its standard error), mean
+                          +/- sd band across seeds, window shaded
 - ``loss_icl``            validation loss and ICL scores (plain text; text with the run's
-                          training repeats) vs step, window shaded (Olsson Fig.)
-- ``patching``            patching effect per layer, and per head, vs step
+                          training repeats) vs step, ± standard error, window shaded (Olsson Fig.)
+- ``patching``            patching effect per layer (± standard error for one run), and per
+                          head, vs step; undefined effects (NaN) are left blank
 - ``logit_lens``          logit-lens probability of the correct token per layer vs step
 - ``token_loss_pca``      per-token losses of every checkpoint projected on 2 principal
                           components, a trajectory per run coloured by step (Olsson et al.)
@@ -24,6 +26,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from induction_dynamics.analysis.plots.style import (
+    band,
     heatmap,
     mean_sd,
     save,
@@ -34,6 +37,7 @@ from induction_dynamics.analysis.plots.style import (
 from induction_dynamics.analysis.table import (
     TOKEN_LOSS_PREFIX,
     curve,
+    curve_stderr,
     head_matrix,
     layer_matrix,
     model_metric,
@@ -64,10 +68,11 @@ def plot_induction_max(runs: dict, phase, out_dir: Path, formats, dpi) -> list[P
     for label, df in runs.items():
         c = curve(df, "induction_score_max")
         curves.append(c)
-        ax.plot(c.index, c.to_numpy(), marker="o", ms=3, lw=1, alpha=0.8, label=seed_of(df, label))
-    band = mean_sd(curves)
-    if band is not None:
-        steps, mean, sd = band
+        line, = ax.plot(c.index, c.to_numpy(), marker="o", ms=3, lw=1, alpha=0.8, label=seed_of(df, label))
+        band(ax, c.index, c.to_numpy(), curve_stderr(df, "induction_score_max"), line.get_color(), 0.15)
+    spread = mean_sd(curves)
+    if spread is not None:
+        steps, mean, sd = spread
         ax.plot(steps, mean, color="k", lw=2, label=f"mean of {len(curves)}")
         ax.fill_between(steps, mean - sd, mean + sd, color="k", alpha=0.15, lw=0, label="± sd")
     shade(ax, windows(phase, "induction_score_max"))
@@ -83,26 +88,29 @@ def plot_loss_icl(runs: dict, phase, loss_metric: str, out_dir: Path, formats, d
     ax_loss, ax_icl = fig.subplots(2, 1, sharex=True)
     for label, df in runs.items():
         name = seed_of(df, label)
-        loss = model_metric(df, loss_metric)
-        if loss.empty:
-            loss = model_metric(df, "val_loss")
+        loss_name = loss_metric if not model_metric(df, loss_metric).empty else "val_loss"
+        loss = model_metric(df, loss_name)
         line, = ax_loss.plot(loss.index, loss.to_numpy(), marker="o", ms=3, lw=1, label=name)
+        band(ax_loss, loss.index, loss.to_numpy(), curve_stderr(df, loss_name), line.get_color())
         trainer = model_metric(df, "val_loss")
         if loss_metric != "val_loss" and not trainer.empty:  # the trainer's own estimate, where saved
             ax_loss.plot(trainer.index, trainer.to_numpy(), ls="--", lw=1, color=line.get_color(),
                          label=f"{name} (trainer val_loss)")
         icl = model_metric(df, "icl_score")
         line, = ax_icl.plot(icl.index, icl.to_numpy(), marker="o", ms=3, lw=1, label=f"{name}, plain text")
+        band(ax_icl, icl.index, icl.to_numpy(), curve_stderr(df, "icl_score"), line.get_color())
         icl_rep = model_metric(df, "icl_score_repeats")
         if not icl_rep.empty:  # the training distribution: text with the run's repeat curriculum
             ax_icl.plot(icl_rep.index, icl_rep.to_numpy(), marker="s", ms=3, lw=1, ls="--",
                         color=line.get_color(), label=f"{name}, text with the training repeats")
+            band(ax_icl, icl_rep.index, icl_rep.to_numpy(), curve_stderr(df, "icl_score_repeats"),
+                 line.get_color(), 0.1)
     window = windows(phase, "induction_score_max")
     for ax in (ax_loss, ax_icl):
         shade(ax, window)
     ax_loss.set_ylabel("loss (nats)" if loss_metric != "val_loss" else "val_loss (nats)")
     ax_loss.set_title("Loss and in-context learning around the phase change")
-    ax_icl.set_ylabel("ICL score (late - early loss)")
+    ax_icl.set_ylabel("ICL score (late - early loss; ± s.e.)")
     ax_icl.axhline(0, color="grey", lw=0.5)
     ax_icl.set_xlabel("training step")
     ax_loss.legend(fontsize=8)
@@ -122,8 +130,11 @@ def plot_patching(runs: dict, out_dir: Path, formats, dpi) -> list[Path]:
     suffix = f" (mean of {len(runs)} runs)" if len(runs) > 1 else ""
     for ax, metric in zip(axes, metrics):
         mean = _mean_over_runs([layer_matrix(df, metric) for df in runs.values()])
+        err = layer_matrix(next(iter(runs.values())), metric, "stderr") if len(runs) == 1 else None
         for layer in mean.columns:
-            ax.plot(mean.index, mean[layer].to_numpy(), marker="o", ms=3, lw=1, label=f"layer {layer}")
+            line, = ax.plot(mean.index, mean[layer].to_numpy(), marker="o", ms=3, lw=1, label=f"layer {layer}")
+            if err is not None:
+                band(ax, mean.index, mean[layer].to_numpy(), err[layer], line.get_color())
         ax.ticklabel_format(axis="y", useOffset=False)  # 1.0 stays "1.0", not "1e-5 + 1"
         ax.set_title(metric + suffix, fontsize=9)
         ax.set_xlabel("training step")
@@ -146,10 +157,13 @@ def plot_logit_lens(runs: dict, out_dir: Path, formats, dpi) -> list[Path]:
     fig = Figure(figsize=(6.4, 4), layout="constrained")
     ax = fig.subplots()
     mean = _mean_over_runs([layer_matrix(df, "logit_lens_prob") for df in runs.values()])
+    err = layer_matrix(next(iter(runs.values())), "logit_lens_prob", "stderr") if len(runs) == 1 else None
     n_layer = int(mean.columns.max()) if len(mean.columns) else 0
     for layer in mean.columns:
         name = "embeddings" if layer == 0 else (f"after block {layer - 1}" + (" (output)" if layer == n_layer else ""))
-        ax.plot(mean.index, mean[layer].to_numpy(), marker="o", ms=3, lw=1, label=name)
+        line, = ax.plot(mean.index, mean[layer].to_numpy(), marker="o", ms=3, lw=1, label=name)
+        if err is not None:
+            band(ax, mean.index, mean[layer].to_numpy(), err[layer], line.get_color())
     ax.set_xlabel("training step")
     ax.set_ylabel("p(correct next token)")
     ax.set_ylim(0, 1)

@@ -1,5 +1,5 @@
 """What every figure shares: saving in several formats, the phase window's shading, seed labels,
-the mean-and-sd band across runs, the heatmap of heads x steps. matplotlib's ``Figure`` (no
+the mean-and-sd band across runs, a curve's standard-error band, the heatmap of heads x steps. matplotlib's ``Figure`` (no
 pyplot global state), so plotting is safe in any process.
 """
 
@@ -77,3 +77,13 @@ def heatmap(ax, steps: np.ndarray, labels: list[str], values: np.ndarray, **kw):
     ax.set_xlabel("training step")
     ax.set_ylabel("head (layer.head)")
     return im
+
+
+def band(ax, x, value, stderr, color, alpha: float = 0.2) -> None:
+    """Shade value ± stderr (the table's standard error) around a curve; steps without one stay bare."""
+    x, value = np.asarray(x, dtype=float), np.asarray(value, dtype=float)
+    err = np.asarray(pd.Series(stderr).reindex(x).to_numpy() if isinstance(stderr, pd.Series) else stderr, dtype=float)
+    ok = np.isfinite(value) & np.isfinite(err)
+    if ok.any():
+        ax.fill_between(x, np.where(ok, value - err, np.nan), np.where(ok, value + err, np.nan), color=color,
+                        alpha=alpha, lw=0)
