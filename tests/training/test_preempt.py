@@ -225,3 +225,60 @@ def test_sigterm_to_torchrun_stops_its_workers_with_a_resume_point(tmp_path):
     stopped = check_stopped(run_dir, sent)
     assert text.count(f"stopped at iteration {stopped} by SIGTERM") == 2, text[-3000:]  # both ranks
     assert status != 0  # torchrun itself ends on the SIGTERM it was sent
+
+
+# ------------------------------------------------------------------ submitit: the requeue chain
+
+def test_slurm_launcher_signals_early_and_requeues():
+    """conf/hydra/launcher/slurm.yaml: submitit's signal 120 s before the kill, --requeue, and
+    time-limit requeues allowed (the plugin's default of 0 would end a long run at its first limit)."""
+    from test_multirun import show_hydra_cfg
+    lau = show_hydra_cfg("-m", "seed=0,1", "hydra/launcher=slurm")["launcher"]
+    assert lau["signal_delay_s"] >= 60 and lau["max_num_timeout"] > 0
+    assert lau["additional_parameters"]["requeue"] is True
+
+
+def task_pids() -> list[int]:
+    """pids of submitit's job processes (``python -m submitit.core._submit``)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and b"submitit.core._submit" in (d / "cmdline").read_bytes():
+                out.append(int(d.name))
+        except OSError:
+            continue
+    return out
+
+
+@pytest.mark.slow  # a submitit sweep whose job runs twice: ~30 s
+def test_submitit_requeues_a_signalled_job_and_it_resumes_bitwise(tmp_path, reference):
+    """submitit_local runs the job as SLURM would (its own job process, submitit's signal
+    handlers); its preemption signal (SIGUSR2) -> resume.pt, then submitit's own handler
+    requeues the job, which resumes (train.resume=true) and ends bitwise as the uninterrupted run."""
+    at = random.Random().randrange(5, 150)
+    sweep = tmp_path / "sweep"
+    log = tmp_path / "sweep.log"
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", *ARGS, "seed=0", "train.resume=true",
+           "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20", f"hydra.sweep.dir={sweep}"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not (run_dirs := [p.parent for p in sweep.glob("*/config.yaml")]):
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.05)
+            run_dir = run_dirs[0]
+            sent = signal_at(proc, run_dir, at, lambda: [os.kill(pid, signal.SIGUSR2) for pid in task_pids()],
+                             log)
+            assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = (run_dir / "train.log").read_text()
+    stopped = int(text.split("stopped at iteration ")[1].split()[0])
+    assert sent <= stopped <= sent + 2 and "by SIGUSR2" in text
+    assert f"resumed from {resume_path(run_dir)} at iteration {stopped}" in text
+    submitit_logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*.out"))
+    assert "Requeued job" in submitit_logs  # submitit's handler ran after ours
+    check_resumed(run_dir, reference)
