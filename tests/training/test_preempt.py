@@ -238,14 +238,16 @@ def test_slurm_launcher_signals_early_and_requeues():
     assert lau["additional_parameters"]["requeue"] is True
 
 
-def task_pids() -> list[int]:
-    """pids of submitit's job processes (``python -m submitit.core._submit``)."""
+def task_pids(session: int) -> list[int]:
+    """pids of submitit's job processes (``python -m submitit.core._submit``) in the process
+    group ``session`` (the test's sweep was started in a session of its own: no one else's)."""
     out = []
     for d in Path("/proc").iterdir():
         try:
-            if d.name.isdigit() and b"submitit.core._submit" in (d / "cmdline").read_bytes():
+            if (d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[2]) == session
+                    and b"submitit.core._submit" in (d / "cmdline").read_bytes()):
                 out.append(int(d.name))
-        except OSError:
+        except (OSError, ValueError, IndexError):
             continue
     return out
 
@@ -269,7 +271,7 @@ def test_submitit_requeues_a_signalled_job_and_it_resumes_bitwise(tmp_path, refe
                 assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(0.05)
             run_dir = run_dirs[0]
-            sent = signal_at(proc, run_dir, at, lambda: [os.kill(pid, signal.SIGUSR2) for pid in task_pids()],
+            sent = signal_at(proc, run_dir, at, lambda: [os.kill(pid, signal.SIGUSR2) for pid in task_pids(proc.pid)],
                              log)
             assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
         finally:

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # sysexits.h EX_TEMPFAIL: "a temporary failure, the user is invited to retry". Chosen over
 # 143 (128 + SIGTERM: what a shell reports for a process the signal *killed*, i.e. nothing
-# saved) and 124 (timeout(1): "the command ran out of time"): 75 says "stopped on purpose with
+# saved) and 124 (timeout(1): "the command ran out of time"): 75 says "stopped deliberately, with
 # a resume point; run the same command again". Distinct from 0 (done), 1 (a bug), 2 (bad
 # input, cli.EXIT_BAD_INPUT) and 128+N (killed); SLURM can requeue on it (RequeueExit=75).
 EXIT_REQUEUE = 75
