@@ -182,14 +182,17 @@ def ddp_reference(tmp_path_factory) -> Path:
 
 
 def stop_torchrun(tmp_path: Path, run_dir: Path, send) -> tuple[int, str, int]:
-    """torchrun on DDP, ``send(launcher_pid)`` at a random iteration; (sent, output, torchrun's status)."""
+    """torchrun on DDP, ``send(launcher_pid, {rank: pid})`` at a random iteration; (sent, output,
+    torchrun's status). The workers are looked up before: a scan of /proc takes iterations."""
     at = random.Random().randrange(5, 150)
     log = tmp_path / "stopped.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(torchrun_cmd([*DDP, f"hydra.run.dir={run_dir}"]), cwd=ROOT, env=cli_env(),
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            sent = signal_at(proc, run_dir, at, lambda: send(proc.pid), log)
+            signal_at(proc, run_dir, 1, lambda: None, log)  # training under way: both workers exist
+            workers = worker_pids(proc.pid)
+            sent = signal_at(proc, run_dir, at, lambda: send(proc.pid, workers), log)
             status = proc.wait(timeout=120)
         finally:
             if proc.poll() is None:
@@ -204,7 +207,7 @@ def test_sigusr1_to_one_rank_stops_every_rank_at_the_same_iteration(tmp_path, dd
     uninterrupted 2-process run."""
     run_dir = tmp_path / "run"
     sent, text, status = stop_torchrun(tmp_path, run_dir,
-                                       lambda pid: os.kill(worker_pids(pid)[1], signal.SIGUSR1))
+                                       lambda pid, workers: os.kill(workers[1], signal.SIGUSR1))
     stopped = check_stopped(run_dir, sent)
     assert f"stopped at iteration {stopped} by SIGUSR1" in text  # rank 1 (warnings on stdout)
     assert f"stopped at iteration {stopped} by a signal to another rank" in text  # rank 0
@@ -221,7 +224,7 @@ def test_sigusr1_to_one_rank_stops_every_rank_at_the_same_iteration(tmp_path, dd
 def test_sigterm_to_torchrun_stops_its_workers_with_a_resume_point(tmp_path):
     """scancel / a preemption signals the launcher; torchrun forwards SIGTERM to its workers."""
     run_dir = tmp_path / "run"
-    sent, text, status = stop_torchrun(tmp_path, run_dir, lambda pid: os.kill(pid, signal.SIGTERM))
+    sent, text, status = stop_torchrun(tmp_path, run_dir, lambda pid, workers: os.kill(pid, signal.SIGTERM))
     stopped = check_stopped(run_dir, sent)
     assert text.count(f"stopped at iteration {stopped} by SIGTERM") == 2, text[-3000:]  # both ranks
     assert status != 0  # torchrun itself ends on the SIGTERM it was sent
