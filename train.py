@@ -8,9 +8,13 @@
 
 Configuration: conf/ (groups model, data, optim, checkpoint, monitor, wandb, experiment), typed by
 src/induction_dynamics/training/config.py. Errors in the configuration or the data print one line and
-exit with status 2; set HYDRA_FULL_ERROR=1 for the full traceback.
+exit with status 2; set HYDRA_FULL_ERROR=1 for the full traceback. SIGTERM, SIGUSR1 or SIGUSR2
+(a scheduler's warning before it kills the job) stop training after the current iteration with a
+resume point, and the process exits with status 75 (``preempt.EXIT_REQUEUE``: run it again with
+train.resume=true; a job SLURM requeues resumes by itself).
 """
 
+import logging
 import os
 import sys
 
@@ -31,6 +35,9 @@ from induction_dynamics.training.config import (
     run_names,
     validate,
 )
+from induction_dynamics.training.preempt import EXIT_REQUEUE, slurm_restarted
+
+log = logging.getLogger("train")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -45,6 +52,10 @@ def hydra_main(cfg: DictConfig) -> float | None:
         parts = os.path.normpath(hc.sweep.dir).split(os.sep)
         sweep = "_".join(parts[-2:])  # outputs/multirun/<date>/<time> -> <date>_<time>
     cfg.wandb.group, cfg.wandb.name = run_names(cfg, experiment=hc.runtime.choices.get("experiment"), sweep=sweep)
+    if slurm_restarted() and not cfg.train.resume:  # requeued after a stop signal or a preemption
+        log.warning("SLURM restarted this job (SLURM_RESTART_COUNT=%s): train.resume=true",
+                    os.environ["SLURM_RESTART_COUNT"])
+        cfg.train.resume = True
     validate(cfg)  # before importing torch: a bad value fails in about a second
     from induction_dynamics.training import distributed  # torch from here on
     from induction_dynamics.training.loop import train
@@ -59,6 +70,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
         result = train(cfg, run_dir=run_dir, dist=dist)
     finally:
         distributed.cleanup(dist)
+    if result["stopped_by"]:  # resume.pt written, W&B finished: "run me again" (preempt.py)
+        raise SystemExit(EXIT_REQUEUE)
     return result["val_loss"]  # a sweeper (e.g. Optuna) can minimise it
 
 

@@ -15,7 +15,6 @@ Run it alone: other processes on the same cores distort every figure.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -23,6 +22,7 @@ import torch
 
 from induction_dynamics.checkpoint import load_checkpoint, model_from_checkpoint
 from induction_dynamics.errors import CheckpointError
+from induction_dynamics.files import write_json
 from induction_dynamics.interpretability import activation_patching as ap
 from induction_dynamics.interpretability import attention_analysis as aa
 from induction_dynamics.interpretability import logit_lens, metrics, patching_runs
@@ -142,8 +142,7 @@ def main(argv=None) -> int:
         print(f"  {name:<40} {t:8.4f}")
     print(f"  {'total (without patch_suite)':<40} {res['metric_suite_total_s']:8.4f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+        write_json(res, args.json)
     return 0
 
 

@@ -27,7 +27,6 @@ Each pair is checked to agree (max |difference| printed) before it is timed. Run
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -42,6 +41,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from induction_dynamics.analysis.config import AnalyzeConfig  # noqa: E402
 from induction_dynamics.analysis.prompts import prompts_for, train_config_of  # noqa: E402
 from induction_dynamics.checkpoint import load_checkpoint, model_from_checkpoint
+from induction_dynamics.files import write_json  # noqa: E402
 from induction_dynamics.interpretability import activation_patching as ap  # noqa: E402
 from induction_dynamics.interpretability import logit_lens as ll  # noqa: E402
 from induction_dynamics.interpretability import metrics as M  # noqa: E402
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     res["set"] = {"ours_s": t_ours, "tl_s": t_tl, "ratio": t_tl / t_ours}
     print(f"{'the set of five':<18} {1e3 * t_ours:10.2f} {1e3 * t_tl:10.2f} {t_tl / t_ours:6.1f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+        write_json(res, args.json)
     return 0
 
 

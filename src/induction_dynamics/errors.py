@@ -1,7 +1,7 @@
 """The project's errors: one base class, and the one-line formatter every report goes through.
 
-An ``InductionDynamicsError`` is bad input, not a bug: its message is meant for the user and is
-one line (the command line prints it and exits with status 2, the analysis records it in
+An ``InductionDynamicsError`` is bad input (or a file the machine cannot write: a full disk), not
+a bug: its message is meant for the user and is one line (the command line prints it and exits with status 2, the analysis records it in
 ``errors.json``). Anything else that is raised is a bug and keeps its traceback. Imports
 nothing, so a bad configuration is reported before torch is imported.
 """
@@ -42,6 +42,22 @@ class TrainingError(InductionDynamicsError, RuntimeError):
 
 class AnalysisError(InductionDynamicsError, RuntimeError):
     """Bad input to the analysis (missing folder, no checkpoints, unknown metric, ...)."""
+
+
+class WriteError(InductionDynamicsError, OSError):
+    """A file could not be written (disk full, quota, read-only folder); the previous file, if
+    any, is intact (``files.atomic_write``). ``cannot write <path>: [Errno N] <reason>``.
+    An OSError too, so that code which tolerates a failed write (``except OSError``) still does."""
+
+    def __init__(self, path, errno: int | None, strerror: str | None):
+        super().__init__(errno, strerror)
+        self.filename = str(path)
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: [Errno {self.errno}] {self.strerror}"
+
+    def __reduce__(self):  # across processes (the analysis's joblib workers)
+        return type(self), (self.filename, self.errno, self.strerror)
 
 
 # Hydra's and OmegaConf's configuration errors are bad input too; matched by name, so that

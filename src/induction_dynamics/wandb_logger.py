@@ -43,7 +43,7 @@ import urllib.request
 from pathlib import Path
 
 from induction_dynamics.errors import one_line
-from induction_dynamics.files import read_json, write_json
+from induction_dynamics.files import append_text, read_json, write_json
 from induction_dynamics.options import WandbMode
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,11 @@ class WandbLogger:
         except Exception as e:  # not installed or broken install: train without it
             self._warn("import", f"W&B: cannot import wandb ({e}); W&B disabled")
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a read-only or full run directory: train without W&B
+            self._warn("dir", f"W&B: cannot write {self.dir} ({one_line(e)}); W&B disabled")
+            return
         kwargs = dict(project=project, group=group, name=name, job_type=job_type,
                       config=config, dir=str(self.dir))
         if self.state_file is not None:
@@ -204,8 +208,11 @@ class WandbLogger:
             self._warn("log", f"W&B: log failed ({one_line(e)}); training goes on")
             return False
         if self.state_file is not None:
-            with open(self.journal, "a") as f:  # one line per record; flushed on close
-                f.write(json.dumps({"stream": stream, "step": step, "record": metrics}, default=float) + "\n")
+            try:  # one line per record, whole or not at all (a full disk: a warning, training goes on)
+                append_text(self.journal, json.dumps({"stream": stream, "step": step, "record": metrics},
+                                                     default=float) + "\n")
+            except OSError as e:
+                self._warn("journal", f"W&B: {one_line(e)}; records a killed process had not flushed may be lost")
             self.state["last_step"][stream] = step
             self._save_state()
         return True
@@ -216,7 +223,7 @@ class WandbLogger:
         try:
             write_json(self.state, self.state_file, durable=False)
         except OSError as e:
-            self._warn("state", f"W&B: cannot write {self.state_file} ({one_line(e)})")
+            self._warn("state", f"W&B: {one_line(e)}")
 
     def last_step(self, stream: str = "default") -> int:
         """The last step logged to ``stream`` by this W&B run, over every restart (-1: none)."""

@@ -33,7 +33,7 @@ from induction_dynamics.analysis.record import RunRecord, shape_key
 from induction_dynamics.analysis.suite import run_suite
 from induction_dynamics.checkpoint import load_checkpoint, model_from_checkpoint
 from induction_dynamics.data.vocab import Vocab
-from induction_dynamics.errors import CheckpointError, one_line
+from induction_dynamics.errors import CheckpointError, WriteError, one_line
 from induction_dynamics.files import atomic_write, write_json
 from induction_dynamics.interpretability.utils import attention_patterns
 
@@ -157,6 +157,8 @@ def _save_attention(model, ckpt: dict, prompts: Prompts, path: Path, device, err
         except CheckpointError:  # no tokenizer saved: the token ids themselves
             labels = [str(t) for t in seq.tolist()]
         write_checkpoint_patterns(path, patterns, seq.tolist(), labels)
+    except WriteError:  # a full disk is not the metric's failure: stop, this checkpoint stays pending
+        raise
     except Exception as e:
         errors.append({"metric": "attention_patterns", "error": one_line(e)})
 

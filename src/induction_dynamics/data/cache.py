@@ -74,7 +74,6 @@ def _provenance(meta: dict, tok) -> dict:
 def _write_cache(folder: Path, data: TokenData, text: str, meta: dict) -> None:
     """nanoGPT's prepare.py output: train.bin / val.bin (uint16), the BPE's tokenizer.json,
     plus meta.json written last."""
-    folder.mkdir(parents=True, exist_ok=True)
     blobs = {split: getattr(data, split).numpy().astype(np.uint16).tobytes() for split in ("train", "val")}
     for split, raw in blobs.items():
         write_bytes(folder / f"{split}.bin", raw)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from induction_dynamics.files import save_figure
 from induction_dynamics.interpretability.metrics import (  # noqa: F401  (re-exported API)
     copying_scores,
     duplicate_token_scores,
@@ -117,7 +118,7 @@ def plot_attention_pattern(pattern: torch.Tensor, labels: Sequence[str] | None =
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046)
     if save_path is not None:
-        fig.savefig(save_path, dpi=100, bbox_inches="tight")
+        save_figure(fig, save_path, dpi=100, bbox_inches="tight")
     return fig
 
 
@@ -144,7 +145,7 @@ def plot_attention_heads(model, tokens: torch.Tensor, heads: Sequence[tuple[int,
             ax.set_yticks([])
     fig.tight_layout()
     if save_path is not None:
-        fig.savefig(save_path, dpi=100)
+        save_figure(fig, save_path, dpi=100)
     return fig
 
 
@@ -165,5 +166,5 @@ def plot_head_scores(scores: torch.Tensor, title: str = "", vmin: float | None =
     ax.set_title(title)
     fig.colorbar(im, ax=ax)
     if save_path is not None:
-        fig.savefig(save_path, dpi=100, bbox_inches="tight")
+        save_figure(fig, save_path, dpi=100, bbox_inches="tight")
     return fig

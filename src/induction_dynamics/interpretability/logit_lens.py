@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from induction_dynamics.files import save_figure
 from induction_dynamics.interpretability.utils import HookManager, has_hooks
 
 
@@ -154,5 +155,5 @@ def plot_prediction_evolution(lens: LogitLens, num_predictions: int = 5, save_pa
     ax.legend(title="final top tokens", fontsize="small")
     fig.tight_layout()
     if save_path is not None:
-        fig.savefig(save_path, dpi=100)
+        save_figure(fig, save_path, dpi=100)
     return fig

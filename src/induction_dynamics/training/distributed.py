@@ -50,6 +50,9 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device | None = None  # set under torchrun (cuda:LOCAL_RANK or cpu); None: train.device decides
+    # gloo group for small CPU-side agreements (``any``): under nccl a flag on the GPU would make
+    # every iteration wait for the GPU; None: the default group (already gloo on CPU)
+    cpu_group: object = None
 
     @property
     def is_main(self) -> bool:
@@ -85,6 +88,14 @@ class DistContext:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(t)  # sum
         return t.item() / self.world_size
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is True on any rank (one all-reduce of a CPU int)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.cpu_group)
+        return bool(t.item())
 
     def broadcast(self, obj):
         """Rank 0's ``obj`` (any picklable value) on every rank."""
@@ -140,7 +151,8 @@ def setup(device_name: str = "auto") -> DistContext:
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                              rank=rank, world_size=world)
-    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
+    cpu_group = torch.distributed.new_group(backend="gloo") if device.type == "cuda" else None
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device, cpu_group=cpu_group)
 
 
 def cleanup(ctx: DistContext) -> None:

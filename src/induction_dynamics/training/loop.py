@@ -11,6 +11,10 @@ iteration ``it`` (the state after ``it`` optimizer steps), in this order::
     step      one optimizer step: grad_accum micro-batches, clip, AdamW, warm-up + cosine lr
     log_train (it % log_every == 0 or last)   -> train/loss, train/grad_norm, train/lr, W&B
 
+A stop signal (SIGTERM, SIGUSR1, SIGUSR2: ``preempt.py``) ends the loop before the next step:
+resume.pt at that iteration, W&B finished, ``summary["stopped_by"]`` set (train.py then exits
+with ``preempt.EXIT_REQUEUE``); nothing computed is lost.
+
 As in nanoGPT, the loss is read back from the device (``.item()``, an all-reduce under DDP)
 only at log intervals, never per micro-step: a GPU is not stalled to print a number. The
 check for a non-finite loss runs there too; a checkpoint is never written from non-finite
@@ -43,6 +47,7 @@ from induction_dynamics.data import BatchSampler, curriculum_args
 from induction_dynamics.errors import TrainingError
 from induction_dynamics.training.config import validate
 from induction_dynamics.training.distributed import DistContext
+from induction_dynamics.training.preempt import EXIT_REQUEUE, StopSignals
 from induction_dynamics.training.setup import Run, setup
 
 log = logging.getLogger(__name__)
@@ -177,8 +182,9 @@ def train(cfg, run_dir: str | Path | None = None, dist: DistContext | None = Non
     """Train a GPT as configured; write checkpoints, resume file and W&B run into ``run_dir``.
 
     ``run_dir`` defaults to Hydra's output directory. Returns a summary dict (final losses,
-    last monitor metrics, checkpoint steps, tokens/s). Raises ConfigError / DataError /
-    CheckpointError / TrainingError with one-line messages.
+    last monitor metrics, checkpoint steps, tokens/s; ``stopped_by``: the signal's name when
+    SIGTERM/SIGUSR1/SIGUSR2 ended the run early with a resume point, see ``preempt.py``).
+    Raises ConfigError / DataError / CheckpointError / TrainingError with one-line messages.
     """
     dist = dist or DistContext()
     cfg = copy.deepcopy(cfg)  # names get filled in below; the caller's config stays as it was
@@ -186,11 +192,27 @@ def train(cfg, run_dir: str | Path | None = None, dist: DistContext | None = Non
         from hydra.core.hydra_config import HydraConfig
         run_dir = HydraConfig.get().runtime.output_dir
     validate(cfg)
-    run = setup(cfg, Path(run_dir), dist)
-    t, main = run.cfg.train, dist.is_main
-    run.summary.update({"run_dir": str(run.run_dir), "monitor": {}, "train_loss": None, "val_loss": run.last_val})
+    with StopSignals() as stop:  # from the start: a signal during setup stops after iteration 0's save
+        run = setup(cfg, Path(run_dir), dist)
+        start_iter = run.iter_num
+        _loop(run, stop)
+    if run.summary["stopped_by"]:
+        stop.forward()  # the launcher's own handler, if any (submitit's requeues the job and exits there)
+    summary = run.summary
+    summary.update(iter_num=run.iter_num, tokens_seen=run.tokens_seen, wandb_mode=run.wb.mode if run.wb else None,
+                   wandb_run_id=run.wb.run_id if run.wb else None,
+                   tokens_per_sec=(run.iter_num - start_iter) * run.tokens_per_iter / max(summary["elapsed_s"], 1e-9),
+                   checkpoints=[s for s, _ in layout.list_checkpoints(run.run_dir)])
+    return summary
+
+
+def _loop(run: Run, stop: StopSignals) -> None:
+    """The named steps until max_iters or a stop signal; W&B finished either way."""
+    t, main = run.cfg.train, run.dist.is_main
+    run.summary.update({"run_dir": str(run.run_dir), "monitor": {}, "train_loss": None, "val_loss": run.last_val,
+                        "stopped_by": None})
     timing = run.summary["timing_s"] = {"eval": 0.0, "monitor": 0.0, "checkpoint": 0.0}  # seconds inside the loop
-    start_iter, t_start = run.iter_num, time.perf_counter()
+    t_start = time.perf_counter()
     run.t_log, run.it_log = t_start, run.iter_num
     bar = tqdm(total=t.max_iters, initial=run.iter_num, disable=not (main and t.progress), unit="it",
                dynamic_ncols=True)
@@ -211,8 +233,18 @@ def train(cfg, run_dir: str | Path | None = None, dist: DistContext | None = Non
                     save(run, is_history, run.last_val if is_eval else None)
                 for key, dt in (("eval", t1 - t0), ("monitor", t2 - t1), ("checkpoint", time.perf_counter() - t2)):
                     timing[key] += dt
+                run.summary["elapsed_s"] = time.perf_counter() - t_start  # the loop only, not W&B's finish
                 if run.iter_num == t.max_iters:
-                    run.summary["elapsed_s"] = time.perf_counter() - t_start  # the loop only, not W&B's finish
+                    break
+                # Here, before the step, everything due at this iteration is done, and a run resumed
+                # from it skips exactly that (Run.due). Every rank asks: all stop at the same step.
+                if run.dist.any(stop.requested):
+                    run.summary["stopped_by"] = stop.name or "a signal to another rank"
+                    if main and not (is_history or is_eval) and run.iter_num != run.resumed_at:
+                        save(run, False, None)  # resume.pt at this iteration (else written just above)
+                    log.warning("stopped at iteration %d by %s: %s holds it; exiting with status %d "
+                                "(continue with train.resume=true)", run.iter_num, run.summary["stopped_by"],
+                                run.resume_file, EXIT_REQUEUE)
                     break
                 step(run)
                 bar.update(1)
@@ -225,10 +257,5 @@ def train(cfg, run_dir: str | Path | None = None, dist: DistContext | None = Non
             run.wb.summary({"final/val_loss": run.summary["val_loss"], "final/iter": run.iter_num,
                             **{f"final/{k}": v for k, v in run.summary["monitor"].items() if k.count("/") == 1}})
             run.wb.finish()
-    summary = run.summary
-    elapsed = summary["elapsed_s"]
-    summary.update(iter_num=run.iter_num, tokens_seen=run.tokens_seen, wandb_mode=run.wb.mode if run.wb else None,
-                   wandb_run_id=run.wb.run_id if run.wb else None,
-                   tokens_per_sec=(run.iter_num - start_iter) * run.tokens_per_iter / max(elapsed, 1e-9),
-                   checkpoints=[s for s, _ in layout.list_checkpoints(run.run_dir)])
-    return summary
+    if run.summary["stopped_by"]:
+        run.dist.barrier()  # rank 0 has written resume.pt and finished W&B: the ranks exit together

@@ -202,7 +202,6 @@ def setup(cfg, run_dir: Path, dist: DistContext) -> Run:
     if resume is not None and run.iter_num >= t.max_iters:
         log.info("%s is already complete (iteration %d of %d); nothing to do", run_dir, run.iter_num, t.max_iters)
     elif dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "config.yaml", OmegaConf.to_yaml(run.plain))  # analysis never reads half a config
         state = layout.wandb_state_path(run_dir)
         if resume is None:  # a run that starts at iteration 0 is a new W&B run

@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from induction_dynamics.files import save_figure
+
 
 def seed_of(df: pd.DataFrame, label: str) -> str:
     seeds = df["seed"].unique()
@@ -18,7 +20,6 @@ def seed_of(df: pd.DataFrame, label: str) -> str:
 
 
 def save(fig: Figure, out_dir: Path, name: str, formats, dpi: int) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
     engine = fig.get_layout_engine()
     if engine is not None:  # solve the constrained layout once, not once per file format
         engine.execute(fig)
@@ -26,7 +27,7 @@ def save(fig: Figure, out_dir: Path, name: str, formats, dpi: int) -> list[Path]
     paths = []
     for fmt in formats:
         p = out_dir / f"{name}.{fmt}"
-        fig.savefig(p, dpi=dpi)
+        save_figure(fig, p, dpi=dpi)
         paths.append(p)
     return paths
 
