@@ -15,6 +15,9 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from induction_dynamics.errors import RefusedFileError
+from induction_dynamics.untrusted import read_json_file
+
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], durable: bool = True) -> Path:
     """Call ``write(f)`` on a temporary binary file next to ``path``, then rename it over ``path``.
@@ -58,10 +61,12 @@ def write_json(obj, path: str | Path, durable: bool = True) -> Path:
 
 
 def read_json(path: str | Path, default=None):
-    """The JSON in ``path``, or ``default`` when it is missing or unreadable."""
+    """The JSON in ``path``, or ``default`` when it is missing, unreadable or refused by the bounds
+    of ``untrusted.read_json_file`` (size, values, depth): a stale cache key or a damaged
+    manifest reads as none, and no file can make the reader allocate or recurse without bound."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+        return read_json_file(path)
+    except RefusedFileError:
         return default
 
 

@@ -29,7 +29,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from induction_dynamics.data import (
     BatchSampler,
@@ -42,6 +41,7 @@ from induction_dynamics.errors import AnalysisError, DataError, TokenizerError, 
 from induction_dynamics.interpretability import activation_patching as ap
 from induction_dynamics.interpretability import metrics as M
 from induction_dynamics.interpretability.llc import default_n_beta
+from induction_dynamics.run_dir import read_config as read_run_config
 from induction_dynamics.training.config import upgrade_saved_config
 
 # separate generator seeds per prompt kind: adding a metric never changes another's prompt
@@ -186,8 +186,8 @@ def train_config_of(ckpt: dict, run_dir: Path | None) -> dict:
     """The training config saved in the checkpoint, else the run dir's config.yaml, else {};
     in today's key names (``training.config.upgrade_saved_config``: runs from before a rename too)."""
     train_config = ckpt.get("config") or {}
-    if not train_config and run_dir is not None and (run_dir / "config.yaml").is_file():
-        train_config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    if not train_config and run_dir is not None:
+        train_config = read_run_config(run_dir) or {}
     return upgrade_saved_config(train_config)
 
 
