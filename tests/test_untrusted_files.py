@@ -4,8 +4,9 @@ the project's error class, fast and in bounded memory.
 
 Each file is read in a child process under an address-space limit (``RLIMIT_AS``) and a wall
 clock, so a reader that allocates tens of GiB or loops for minutes fails the test instead of
-taking the machine down; the child reports the reader's own time and the growth of its peak
-resident memory (``ru_maxrss``) over the imports.
+taking the machine down; the child reports the reader's own time and how far its peak resident
+memory rose during the read (VmHWM, reset to the resident set just before it; the process's
+``ru_maxrss``, which includes the imports' peak, is reported beside it).
 """
 
 from __future__ import annotations
@@ -49,7 +50,13 @@ elif kind == "run_info":
 elif kind == "config":
     from induction_dynamics.analysis.prompts import train_config_of
     read = lambda p: train_config_of({{}}, Path(p).parent)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def vm(key):  # kB, from the kernel's own accounting of this process
+    return int(open("/proc/self/status").read().split(key + ":")[1].split()[0])
+try:  # "5" resets the peak resident set (VmHWM) to the current one: the reader's own peak is measured
+    open("/proc/self/clear_refs", "w").write("5")
+except OSError:
+    pass
+before = vm("VmRSS")
 t0 = time.perf_counter()
 try:
     read(path)
@@ -57,8 +64,9 @@ try:
 except BaseException as e:
     out = {{"error": type(e).__name__, "ours": isinstance(e, InductionDynamicsError), "message": str(e)}}
 out["seconds"] = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-out.update(growth_mb=(peak - before) / 1024, peak_mb=peak / 1024)
+peak = vm("VmHWM")
+out.update(growth_mb=(peak - before) / 1024, peak_mb=peak / 1024,
+           maxrss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 print("RESULT " + json.dumps(out))
 """
 
