@@ -23,8 +23,9 @@ identical prompts (comparable across the seeds of a sweep):
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -75,6 +76,26 @@ class Prompts:
                 "patching_batch": self.patching.clean.shape[0],
                 "patching_len": self.patching.clean.shape[1], "text_repeats": self.repeats,
                 **({"llc": {**self.llc, "windows": self.llc_windows.shape[0]}} if self.llc else {})}
+
+    def sha256(self) -> str:
+        """sha256 of every field, each tensor by dtype, shape and values: the tokens the metrics
+        actually see (validation windows included), so other text under the same settings keys
+        the cache apart. Walks the dataclass fields: a field added later is covered too."""
+        h = hashlib.sha256()
+
+        def add(name, value):
+            if isinstance(value, torch.Tensor):
+                t = value.detach().cpu().contiguous()
+                h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, as raw bytes
+            elif is_dataclass(value):
+                for f in fields(value):
+                    add(f"{name}.{f.name}", getattr(value, f.name))
+            else:
+                h.update(f"{name} {json.dumps(value, sort_keys=True, default=str)}\n".encode())
+
+        add("prompts", self)
+        return h.hexdigest()
 
     def to(self, device) -> Prompts:
         p = self.patching
