@@ -206,3 +206,15 @@ def test_a_65535_token_meta_pkl_is_within_the_caps(tmp_path):
     t0 = time.perf_counter()
     assert load_meta(tmp_path / "meta.pkl") == meta
     assert time.perf_counter() - t0 < 2.0
+
+
+def test_the_trainers_own_config_yaml_reads_back(tmp_path):
+    from omegaconf import OmegaConf
+    from train_helpers import TINY, compose_cfg
+
+    from induction_dynamics.run_dir import read_config
+    from induction_dynamics.training.config import to_plain
+    plain = to_plain(compose_cfg(TINY))
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(plain))  # as training/setup.py writes it
+    assert read_config(tmp_path) == plain
+    assert read_config(tmp_path / "elsewhere") is None
