@@ -16,7 +16,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "src" / "induction_dynamics"
 # The layers of the data flow, lowest first: a module imports only from its own layer or below.
 LAYERS = [
-    {"errors", "options", "files", "gpt_config"},
+    {"errors", "options", "files", "gpt_config", "untrusted"},
     {"run_dir", "model", "data", "wandb_logger"},
     {"checkpoint", "interpretability"},
     {"training"},

@@ -16,7 +16,6 @@ from analysis_helpers import FAST, cfg_for, make_run, run_entry
 from train_helpers import TINY, compose_cfg, run_train, train_then_kill
 
 from induction_dynamics import run_dir as R
-from induction_dynamics.analysis import cache
 from induction_dynamics.analysis import suite as suite_mod
 from induction_dynamics.analysis.driver import analyze
 from induction_dynamics.checkpoint import load_checkpoint
@@ -135,21 +134,6 @@ def test_a_checkpoint_replaced_under_the_same_name_is_analysed_again(tmp_path):
 
     assert (score(after, 0) == score(before, 0)).all()  # untouched checkpoints come from the cache
     assert not (score(after, 8) == score(before, 8)).all()
-
-
-def test_changed_metric_code_is_analysed_again(tmp_path, monkeypatch):
-    run_dir = make_run(tmp_path / "run", 0, steps=(0, 4))
-    analyze(cfg_for(run_dir, *FAST, "analysis/suite=fast"))
-    assert "(0 new)" in analyze(cfg_for(run_dir, *FAST, "analysis/suite=fast"))["report"]
-    # the code fingerprint hashes the metric modules' source: other files, another fingerprint
-    real = cache.code_version()
-    monkeypatch.setattr(cache, "METRIC_CODE", ("model.py",))
-    cache.code_version.cache_clear()
-    assert cache.code_version()["metric_code_sha256"] != real["metric_code_sha256"]
-    assert "(2 new)" in analyze(cfg_for(run_dir, *FAST, "analysis/suite=fast"))["report"]
-    cache.code_version.cache_clear()
-    suite_json = json.loads((R.cache_dir(run_dir) / "suite.json").read_text())
-    assert suite_json["code"]["package"] and len(suite_json["code"]["metric_code_sha256"]) == 64
 
 
 def test_a_failing_metric_is_a_metric_error_and_the_others_are_kept(tmp_path, monkeypatch):

@@ -27,6 +27,11 @@ class TokenizerError(DataError):
     """A tokenizer cannot be built or used (bad state, text it cannot encode)."""
 
 
+class RefusedFileError(DataError):
+    """A file is refused before or while it is parsed (``untrusted.py``): unreadable, over its
+    size cap, nested too deeply, too many values, shared references, or not plain data."""
+
+
 class MetaError(DataError):
     """A nanoGPT data folder is refused: its meta.pkl would import something or is not plain
     data, or a .bin file is not uint16 tokens."""

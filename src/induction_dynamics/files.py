@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from induction_dynamics.errors import WriteError
+from induction_dynamics.errors import RefusedFileError, WriteError
+from induction_dynamics.untrusted import read_json_file
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], durable: bool = True) -> Path:
@@ -110,10 +111,12 @@ def write_json(obj, path: str | Path, durable: bool = True) -> Path:
 
 
 def read_json(path: str | Path, default=None):
-    """The JSON in ``path``, or ``default`` when it is missing or unreadable."""
+    """The JSON in ``path``, or ``default`` when it is missing, unreadable or refused by the bounds
+    of ``untrusted.read_json_file`` (size, values, depth): a stale cache key or a damaged
+    manifest reads as none, and no file can make the reader allocate or recurse without bound."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+        return read_json_file(path)
+    except RefusedFileError:
         return default
 
 

@@ -35,8 +35,9 @@ import os
 import re
 from pathlib import Path
 
-from induction_dynamics.errors import AnalysisError
+from induction_dynamics.errors import AnalysisError, RefusedFileError
 from induction_dynamics.files import read_json, sha256_file, write_json
+from induction_dynamics.untrusted import check_yaml, read_capped
 
 STEP_RE = re.compile(r"^step_(\d+)\.pt$")
 MANIFEST = "manifest.json"
@@ -108,6 +109,29 @@ def verify_checkpoint(path: str | Path, digest: str | None = None) -> str | None
 
 
 # --------------------------------------------------------------------------- analysis side
+
+CONFIG_MAX_BYTES = 1 << 20  # a resolved training config is ~3 KB; OmegaConf reads 1 MiB in ~0.3 s
+
+
+def read_config(run_dir: str | Path) -> dict | None:
+    """The run's resolved training config (``<run>/config.yaml``) as a plain dict, None when there
+    is none. Checked before OmegaConf builds it (``untrusted.check_yaml``: size, events, depth,
+    no aliases, no interpolations), so a hostile file is one line, not minutes or a RecursionError."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    raw = read_capped(path, CONFIG_MAX_BYTES, "config.yaml")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RefusedFileError(f"refusing {path}: not UTF-8 text") from None
+    check_yaml(text, str(path))
+    from omegaconf import OmegaConf  # here: the trainer's side of this module never needs it
+    config = OmegaConf.to_container(OmegaConf.create(text)) if text.strip() else {}
+    if not isinstance(config, dict):
+        raise RefusedFileError(f"refusing {path}: not a mapping of settings")
+    return config
+
 
 def is_run_dir(path: Path) -> bool:
     return (Path(path) / "checkpoints").is_dir()

@@ -4,9 +4,9 @@ Each checkpoint's rows are written to ``analysis/cache/step_XXXXXX.parquet`` by 
 (atomically, the Parquet file last: its presence means "done"), so an interrupted sweep
 resumes where it stopped and a new checkpoint is analysed alone. A cached result is used only
 when its key (``step_XXXXXX.key.json``) matches: the sha256 and size of the checkpoint file it
-was computed from, and the fingerprint of the analysis (settings, prompts, seed, and the code:
-package version + a hash of the modules that compute the metrics; ``cache/suite.json`` holds it
-with its ingredients). A checkpoint replaced under the same name, a changed setting or a
+was computed from, and the fingerprint of the analysis (settings, data_dir, the prompts' tokens,
+seed, the code: package version + a hash of every module of the package, and the versions of
+torch, numpy and devinterp; ``cache/suite.json`` holds it with its ingredients). A checkpoint replaced under the same name, a changed setting or a
 changed metric is analysed again; a stale result is deleted before anything could read it.
 Where the files lie: ``run_dir.py``. No torch here.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import platform
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -30,34 +31,64 @@ from induction_dynamics.files import read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 3  # the layout of the cache files; a new layout re-analyses every checkpoint
-# the modules whose code decides a cached number: a change to any of them re-analyses
-METRIC_CODE = ("model.py", "data", "interpretability", "analysis/suite.py", "analysis/prompts.py")
+# Every module of the package, found by walking it: a cached number goes through checkpoint
+# loading, the config upgrade, the tokenizer, the data readers, the model, attention, the
+# metrics and table building, and a hand-kept list of those misses the next module they start
+# to import. Hashing what a process happens to have imported instead would key the same
+# analysis differently in a process that imported one more module (plots, W&B). The price:
+# an edit to a file no number depends on (cli.py, plots/) re-analyses too. The tests point
+# this at a copy of the package.
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+LIBRARIES = ("torch", "numpy", "devinterp")  # whose code computes the numbers; devinterp: the llc
 
 
-@lru_cache(maxsize=1)
-def code_version() -> dict:
-    """The package version and a sha256 over the source of ``METRIC_CODE`` (sorted files)."""
-    root = Path(__file__).resolve().parents[1]
+@lru_cache(maxsize=None)
+def source_sha256(root: Path) -> str:
+    """sha256 over every ``.py`` file under ``root`` (relative path and bytes, sorted by path):
+    read once per process and root (~200 KB)."""
     h = hashlib.sha256()
-    for entry in METRIC_CODE:
-        target = root / entry
-        for f in sorted(target.rglob("*.py")) if target.is_dir() else [target]:
-            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    for f in sorted(root.rglob("*.py"), key=lambda f: f.relative_to(root).as_posix()):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def code_version() -> dict:
+    """The package version and a sha256 over the source of every module of the package."""
     try:
         pkg = version("induction-dynamics")
     except PackageNotFoundError:
         pkg = "unknown"
-    return {"package": pkg, "metric_code_sha256": h.hexdigest()}
+    return {"package": pkg, "source_sha256": source_sha256(PACKAGE_ROOT)}
 
 
-def fingerprint(run_dir: Path, label: str, cfg, metrics: list[str], prompts_info: dict) -> str:
-    """The analysis half of every cache key of a run (settings + prompts + code), recorded with its
-    ingredients in ``cache/suite.json``; ``force=true`` discards every cached result of the run."""
+@lru_cache(maxsize=1)
+def library_versions() -> dict:
+    """The installed version of Python and of each of ``LIBRARIES`` ("absent" when not
+    installed), from the package metadata: nothing is imported."""
+    out = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def fingerprint(run_dir: Path, label: str, cfg, metrics: list[str], prompts_info: dict,
+                prompts_sha256: str) -> str:
+    """The analysis half of every cache key of a run, recorded with its ingredients in
+    ``cache/suite.json``: the settings (seed, metrics, suite, ``data_dir``), the prompts (their
+    description and ``prompts_sha256``, the hash of the token tensors actually drawn, validation
+    windows included: ``Prompts.sha256``), the code (``code_version``) and the libraries
+    (``library_versions``). ``force=true`` discards every cached result of the run."""
     suite = OmegaConf.to_container(cfg.suite, resolve=True, enum_to_str=True)
     if "llc" not in metrics:  # SGLD settings change nothing the other metrics compute
         suite.pop("llc", None)
+    data_dir = cfg.get("data_dir")
     settings = {"version": CACHE_VERSION, "seed": int(cfg.seed), "metrics": sorted(metrics),
-                "suite": suite, "prompts": prompts_info, "code": code_version()}
+                "suite": suite, "data_dir": None if data_dir is None else str(data_dir),
+                "prompts": prompts_info, "prompts_sha256": prompts_sha256, "code": code_version(),
+                "libraries": library_versions()}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     if cfg.force:
         cached = list(layout.cache_dir(run_dir).glob("step_*"))
@@ -65,7 +96,11 @@ def fingerprint(run_dir: Path, label: str, cfg, metrics: list[str], prompts_info
         for p in cached:
             p.unlink()
     meta_path = layout.cache_dir(run_dir) / "suite.json"
-    if (read_json(meta_path) or {}).get("fingerprint") != digest:
+    old = read_json(meta_path) or {}
+    if old.get("fingerprint") != digest:
+        changed = sorted(k for k in settings if old and old.get(k) != settings[k])
+        if changed:
+            log.info("%s: the analysis differs from the cached one in %s", label, ", ".join(changed))
         write_json({"fingerprint": digest, **settings}, meta_path)
     return digest
 

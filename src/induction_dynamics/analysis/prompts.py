@@ -23,13 +23,13 @@ identical prompts (comparable across the seeds of a sweep):
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from induction_dynamics.data import (
     BatchSampler,
@@ -42,6 +42,7 @@ from induction_dynamics.errors import AnalysisError, DataError, TokenizerError, 
 from induction_dynamics.interpretability import activation_patching as ap
 from induction_dynamics.interpretability import metrics as M
 from induction_dynamics.interpretability.llc import default_n_beta
+from induction_dynamics.run_dir import read_config as read_run_config
 from induction_dynamics.training.config import upgrade_saved_config
 
 # separate generator seeds per prompt kind: adding a metric never changes another's prompt
@@ -75,6 +76,26 @@ class Prompts:
                 "patching_batch": self.patching.clean.shape[0],
                 "patching_len": self.patching.clean.shape[1], "text_repeats": self.repeats,
                 **({"llc": {**self.llc, "windows": self.llc_windows.shape[0]}} if self.llc else {})}
+
+    def sha256(self) -> str:
+        """sha256 of every field, each tensor by dtype, shape and values: the tokens the metrics
+        actually see (validation windows included), so other text under the same settings keys
+        the cache apart. Walks the dataclass fields: a field added later is covered too."""
+        h = hashlib.sha256()
+
+        def add(name, value):
+            if isinstance(value, torch.Tensor):
+                t = value.detach().cpu().contiguous()
+                h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, as raw bytes
+            elif is_dataclass(value):
+                for f in fields(value):
+                    add(f"{name}.{f.name}", getattr(value, f.name))
+            else:
+                h.update(f"{name} {json.dumps(value, sort_keys=True, default=str)}\n".encode())
+
+        add("prompts", self)
+        return h.hexdigest()
 
     def to(self, device) -> Prompts:
         p = self.patching
@@ -186,8 +207,8 @@ def train_config_of(ckpt: dict, run_dir: Path | None) -> dict:
     """The training config saved in the checkpoint, else the run dir's config.yaml, else {};
     in today's key names (``training.config.upgrade_saved_config``: runs from before a rename too)."""
     train_config = ckpt.get("config") or {}
-    if not train_config and run_dir is not None and (run_dir / "config.yaml").is_file():
-        train_config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    if not train_config and run_dir is not None:
+        train_config = read_run_config(run_dir) or {}
     return upgrade_saved_config(train_config)
 
 

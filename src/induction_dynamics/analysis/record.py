@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from induction_dynamics.files import read_json, write_json
+from induction_dynamics.files import write_json
+from induction_dynamics.untrusted import read_json_file
 
 
 def shape_key(model_args: dict) -> str:
@@ -42,8 +43,12 @@ class RunRecord:
     def read(cls, path: str | Path, run_dir: Path, label: str) -> RunRecord | None:
         """The record saved in run_info.json (None: none saved); its label is today's (the folder
         may have moved). A file written before the analysis inputs were called prompts has them
-        under ``probes``."""
-        saved = read_json(path)
+        under ``probes``. A file that is there but refused by ``untrusted.read_json_file`` (not
+        JSON, over its size, values or depth bounds) is a one-line RefusedFileError: the record is
+        written atomically, so such a file was put there by something else."""
+        if not Path(path).is_file():
+            return None
+        saved = read_json_file(path, "run_info.json")
         if not isinstance(saved, dict) or not saved.get("run"):
             return None
         known = {k: saved[k] for k in cls.__dataclass_fields__ if k in saved}

@@ -104,8 +104,8 @@ def prepare_run(run_dir: Path, label: str, cfg) -> RunContext | None:
                        model_args={k: args.get(k) for k in SHAPE_FIELDS},
                        max_iters=(train_config.get("train") or {}).get("max_iters"), metrics=metrics,
                        prompts=prompts.info(), train_wandb={k: wb.get(k) for k in ("project", "group", "name", "mode")})
-    ctx = RunContext(record, train_config, prompts, cache.fingerprint(run_dir, label, cfg, metrics, record.prompts),
-                     errors)
+    ctx = RunContext(record, train_config, prompts,
+                     cache.fingerprint(run_dir, label, cfg, metrics, record.prompts, prompts.sha256()), errors)
     record.write(layout.analysis_dir(run_dir) / "run_info.json")
     return ctx
 

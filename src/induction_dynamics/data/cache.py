@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from induction_dynamics.data.tokenizer import BPETokenizer, CharTokenizer
+from induction_dynamics.data.tokenizer import TOKENIZER_JSON_MAX_BYTES, BPETokenizer, CharTokenizer
 from induction_dynamics.data.tokens import TokenData, tokenize
 from induction_dynamics.files import write_bytes
+from induction_dynamics.untrusted import read_capped, read_json_file
 
 CACHE_ENV = "INDUCTION_DYNAMICS_CACHE"
 # Bump when the conversion or the cache layout changes: old caches then rebuild.
@@ -42,7 +43,9 @@ def sha256_bytes(data: bytes) -> str:
 def _read_cache(folder: Path, source_hash: str, val_frac: float) -> TokenData | None:
     """The cached TokenData if ``folder`` holds a complete, uncorrupted build of this source."""
     try:
-        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        meta = read_json_file(folder / "meta.json")  # a RefusedFileError is a ValueError: rebuilt
+        if not isinstance(meta, dict):
+            return None
         if (meta.get("format_version") != FORMAT_VERSION or meta.get("source_sha256") != source_hash
                 or meta.get("val_frac") != val_frac):
             return None
@@ -53,7 +56,7 @@ def _read_cache(folder: Path, source_hash: str, val_frac: float) -> TokenData | 
                 return None
             arrays.append(torch.from_numpy(np.frombuffer(raw, dtype=np.uint16).astype(np.int64)))
         if meta.get("tokenizer", "char") == "bpe":
-            raw = (folder / "tokenizer.json").read_bytes()
+            raw = read_capped(folder / "tokenizer.json", TOKENIZER_JSON_MAX_BYTES, "tokenizer.json")
             if sha256_bytes(raw) != meta["tokenizer_file_sha256"]:
                 return None
             tok = BPETokenizer(raw.decode("utf-8"))

@@ -8,17 +8,16 @@ A folder as nanoGPT's ``data/<name>/prepare.py`` leaves it::
 
 Without ``meta.pkl`` the tokens are GPT-2's (``tokenizer.GPT2_VOCAB_SIZE`` = 50,257 ids), or
 those of a ``tokenizer.json`` (Hugging Face format) beside the .bin files, which is what this
-project's own BPE cache holds. ``meta.pkl`` is a pickle: it is read by an unpickler that
-imports nothing, so the only objects it can build are pickle's own (dicts, lists, strings,
-numbers), and the result must be plain dicts, lists, strings and ints; anything else is
-refused in one line and no code from the file runs.
+project's own BPE cache holds. ``meta.pkl`` is a pickle: its opcodes are checked before
+anything is unpickled (``untrusted.py``: plain-data opcodes only, memo indices and opcode count
+bounded), it is built by an unpickler that imports nothing, and the result must be a tree of
+plain dicts, lists, strings and ints; anything else is refused in one line, no code from the
+file runs, and no file can ask for more than bounded time and memory.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -26,56 +25,39 @@ import torch
 
 from induction_dynamics.data.tokenizer import (
     GPT2_VOCAB_SIZE,
+    TOKENIZER_JSON_MAX_BYTES,
     BPETokenizer,
     CharTokenizer,
     GPT2Ids,
 )
-from induction_dynamics.errors import MetaError, TokenizerError
+from induction_dynamics.errors import MetaError, RefusedFileError, TokenizerError
+from induction_dynamics.untrusted import loads_json, loads_plain_pickle, read_capped
 
 COUNT_EXACT_MAX = 1 << 26   # train.bin up to 64 M tokens is counted whole (~0.2 s)
 COUNT_CHUNKS, COUNT_CHUNK = 64, 1 << 20  # larger ones: 64 evenly spaced 1 M-token chunks
 FINGERPRINT_BYTES = 1 << 20
 
 
-class _PlainUnpickler(pickle.Unpickler):
-    """Builds pickle's built-in types only: every global (class, function) is refused, so a
-    ``__reduce__`` payload (``os.system``, ``builtins.exec``, ...) is never even looked up."""
-
-    def find_class(self, module, name):
-        raise MetaError(f"meta.pkl asks to load {module}.{name}; only plain dicts, lists, strings and ints are read")
-
-    def persistent_load(self, pid):
-        raise MetaError("meta.pkl refers to a persistent object; only plain dicts, lists, strings and ints are read")
-
-
-def _plain(obj, depth: int = 0) -> bool:
-    if depth > 4:
-        return False
-    if isinstance(obj, bool):
-        return False
-    if isinstance(obj, (int, str)):
-        return True
-    if isinstance(obj, list):
-        return all(_plain(v, depth + 1) for v in obj)
-    if isinstance(obj, dict):
-        return all(isinstance(k, (int, str)) and not isinstance(k, bool) and _plain(v, depth + 1) for k, v in obj.items())
-    return False
+# A char meta.pkl is ~1 KB. A BPE-ish one, {id: str} and {str: id} over all 65,535 ids a uint16
+# .bin can hold, is 1.5 MB and 328 k opcodes (protocol 4/5, nanoGPT's default; 459 k in protocol
+# 0); longer strings add bytes, not opcodes. 16 MiB and 512 k opcodes hold that with room, and
+# the scan, pure Python at ~1 us an opcode on a loaded core, stops within ~0.5 s.
+META_MAX_BYTES = 16 << 20
+META_MAX_OPCODES = 1 << 19
+META_MAX_DEPTH = 5               # {"itos": {id: str}} is 2; nanoGPT's variants stay within 5
 
 
 def load_meta(path: str | Path) -> dict:
-    """nanoGPT's meta.pkl as a plain dict, read without running any code from the file."""
+    """nanoGPT's meta.pkl as a plain dict, read without running any code from the file and with
+    bounded work (``untrusted.loads_plain_pickle``: size, opcodes, memo, depth, sharing)."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise MetaError(f"cannot read {path}: {e.strerror}") from None
-    try:
-        meta = _PlainUnpickler(io.BytesIO(raw)).load()
-    except MetaError as e:
-        raise MetaError(f"refusing {path}: {e}") from None
-    except Exception as e:  # truncated or not a pickle at all
-        raise MetaError(f"refusing {path}: not a readable pickle ({type(e).__name__})") from None
-    if not isinstance(meta, dict) or not _plain(meta):
+        raw = read_capped(path, META_MAX_BYTES, "meta.pkl")
+        meta = loads_plain_pickle(raw, str(path), max_opcodes=META_MAX_OPCODES, max_depth=META_MAX_DEPTH,
+                                  max_nodes=META_MAX_OPCODES)
+    except RefusedFileError as e:
+        raise MetaError(str(e)) from None
+    if not isinstance(meta, dict):
         raise MetaError(f"refusing {path}: expected a dict of plain dicts, lists, strings and ints")
     return meta
 
@@ -85,7 +67,8 @@ def char_tokenizer_from_meta(meta: dict, path) -> CharTokenizer:
     itos, n = meta.get("itos"), meta.get("vocab_size")
     if not isinstance(itos, dict) or not isinstance(n, int):
         raise MetaError(f"{path}: a character meta.pkl needs 'vocab_size' (int) and 'itos' ({{id: char}})")
-    if sorted(itos) != list(range(n)) or not all(isinstance(c, str) for c in itos.values()):
+    # the length first: set(range(n)) of a hostile vocab_size would not fit in memory
+    if len(itos) != n or set(itos) != set(range(n)) or not all(isinstance(c, str) for c in itos.values()):
         raise MetaError(f"{path}: 'itos' must map every id 0..{n - 1} to a string")
     return CharTokenizer([itos[i] for i in range(n)])
 
@@ -95,9 +78,14 @@ def folder_tokenizer(folder: Path):
     if (folder / "meta.pkl").is_file():
         return char_tokenizer_from_meta(load_meta(folder / "meta.pkl"), folder / "meta.pkl")
     if (folder / "tokenizer.json").is_file():
-        try:
-            return BPETokenizer((folder / "tokenizer.json").read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, TokenizerError) as e:
+        path = folder / "tokenizer.json"
+        try:  # bounded before the Rust parser sees it: size, values, depth
+            raw = read_capped(path, TOKENIZER_JSON_MAX_BYTES, "tokenizer.json")
+            loads_json(raw, str(path))
+            return BPETokenizer(raw.decode("utf-8"))
+        except RefusedFileError as e:
+            raise MetaError(str(e)) from None
+        except (UnicodeDecodeError, TokenizerError) as e:
             raise MetaError(f"cannot use {folder / 'tokenizer.json'}: {e}") from None
     return GPT2Ids(GPT2_VOCAB_SIZE)
 

@@ -25,6 +25,7 @@ from induction_dynamics.errors import TokenizerError, one_line
 
 GPT2_VOCAB_SIZE = 50257  # nanoGPT's openwebtext / shakespeare prepare.py: tiktoken's "gpt2"
 BPE_MIN_VOCAB, BPE_MAX_VOCAB = 257, 65535  # above the 256 byte tokens; ids must fit uint16 files
+TOKENIZER_JSON_MAX_BYTES = 32 << 20  # a 65,535-token BPE's tokenizer.json is ~3 MB, GPT-2's 1.4 MB
 
 
 def _fingerprint(state: dict) -> str:
