@@ -225,7 +225,7 @@ def test_train_py_on_a_file_size_limit_prints_one_line_and_resumes(tmp_path, uni
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     # the reference trained in this process: the same number of threads gives the same reductions
-    threads_env = {**cli_env(), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    threads_env = cli_env(OMP_NUM_THREADS=str(torch.get_num_threads()))
     cmd = [sys.executable, str(ROOT / "train.py"), *TINY, f"hydra.run.dir={run_dir}"]
     p = subprocess.run(cmd, cwd=ROOT, env=threads_env, capture_output=True, text=True, timeout=300,
                        preexec_fn=small_files)

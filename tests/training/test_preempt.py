@@ -123,12 +123,6 @@ def test_stop_signals_outside_the_main_thread_install_nothing():
 
 # ------------------------------------------------------------------ one process
 
-def same_threads() -> dict:
-    """The subprocess's environment with the in-process reference's thread count: two threads
-    reduce in another order than one, so a bitwise comparison needs the same count."""
-    return {**cli_env(), "OMP_NUM_THREADS": str(torch.get_num_threads())}
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """The uninterrupted run (in process: one thread, the same weights as train.py's)."""
@@ -138,12 +132,14 @@ def reference(tmp_path_factory) -> Path:
 
 
 def test_sigterm_at_a_random_iteration_resumes_bitwise(tmp_path, reference):
+    # the reference trained in this process: the same thread count gives the same reductions
+    env = cli_env(OMP_NUM_THREADS=str(torch.get_num_threads()))
     at = random.Random().randrange(5, 150)
     run_dir = tmp_path / "run"
     log = tmp_path / "stopped.log"
     cmd = [sys.executable, str(ROOT / "train.py"), *ARGS, f"hydra.run.dir={run_dir}"]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=same_threads(), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             sent = signal_at(proc, run_dir, at, lambda: proc.send_signal(signal.SIGTERM), log)
             assert proc.wait(timeout=120) == EXIT_REQUEUE, log.read_text()[-3000:]
@@ -154,7 +150,7 @@ def test_sigterm_at_a_random_iteration_resumes_bitwise(tmp_path, reference):
     text = log.read_text()
     assert f"stopped at iteration {stopped} by SIGTERM" in text and "Traceback" not in text
 
-    p = subprocess.run([*cmd, "train.resume=true"], cwd=ROOT, env=same_threads(), capture_output=True, text=True,
+    p = subprocess.run([*cmd, "train.resume=true"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"resumed from {resume_path(run_dir)} at iteration {stopped}" in (run_dir / "train.log").read_text()
