@@ -23,6 +23,8 @@ import pickle
 import pickletools
 from pathlib import Path
 
+import yaml
+
 from induction_dynamics.errors import RefusedFileError
 
 MIB = 1 << 20
@@ -212,7 +214,6 @@ def check_yaml(text: str, what: str, *, max_depth: int = MAX_DEPTH, max_events: 
     resolving one can expand without bound or read environment variables), or a top level that
     is not a mapping. The parser's events come one at a time (libyaml's when installed): no
     recursion, nothing built."""
-    import yaml
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     depth = 0
     try:
