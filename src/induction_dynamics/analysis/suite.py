@@ -15,7 +15,7 @@ the previous-token scores, the ICL score and the per-token losses share one forw
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -79,11 +79,13 @@ class TextRun:
 
 @dataclass
 class Context:
-    """What a computation may read: the model, the run's prompts, and the shared text forward."""
+    """What a computation may read: the model, the run's prompts, and the shared text forward;
+    ``extras``: what a computation gives besides table values (the LLC's chain loss traces)."""
 
     model: torch.nn.Module
     prompts: Prompts
     metrics: tuple[str, ...]
+    extras: dict = field(default_factory=dict)
 
     @cached_property
     def text(self) -> TextRun:
@@ -179,8 +181,9 @@ def _composition(c: Context) -> Values:
 
 @computes("llc")
 def _llc(c: Context) -> Values:
-    with torch.enable_grad():  # SGLD steps on gradients (on devinterp's copy of the model)
-        r = estimate_llc(c.model, c.prompts.llc_windows, **c.prompts.llc)
+    r = estimate_llc(c.model, c.prompts.llc_windows, **c.prompts.llc)  # SGLD on a copy of the model
+    c.extras["llc_traces"] = {"traces": r.traces, "num_burnin_steps": r.num_burnin_steps,
+                              "init_loss": r.init_loss, "n_beta": r.n_beta, "llc": r.mean}
     return {"llc": r.mean, "llc_std": r.std}
 
 
@@ -203,14 +206,15 @@ def rows_of(metric: registry.Metric, value) -> list[tuple]:
 
 
 @torch.no_grad()
-def run_suite(model, prompts: Prompts, metrics,
-              errors: list[dict] | None = None) -> tuple[list[tuple], np.ndarray | None]:
+def run_suite(model, prompts: Prompts, metrics, errors: list[dict] | None = None,
+              extras: dict | None = None) -> tuple[list[tuple], np.ndarray | None]:
     """Evaluate the suite ids ``metrics`` on one model: ``([(metric, layer, head, value), ...], token losses)``.
 
     token losses: the (W * (T-1),) float32 per-token losses on the text windows (the token-level
     metric), or None when ``token_loss`` is not in ``metrics`` (or it failed).
     A computation that raises gives no rows; with ``errors`` given, ``{"metric", "error"}`` (one
     line) is appended there and the others still run. Without it the exception propagates.
+    ``extras``: filled with what the computations give besides rows (``Context.extras``).
     """
     metrics = tuple(str(m) for m in metrics)
     context = Context(model, prompts, metrics)
@@ -231,4 +235,6 @@ def run_suite(model, prompts: Prompts, metrics,
             if errors is None:
                 raise
             errors.append({"metric": suite_id, "error": one_line(e)})
+    if extras is not None:
+        extras.update(context.extras)
     return rows, tokens

@@ -64,11 +64,12 @@ class RunContext:
         self.errors[:] = [e for e in self.errors if e["step"] != step] + new
 
 
-def checkpoint_rows(model, ckpt: dict, step: int, prompts: Prompts, metrics,
-                    errors: list[dict] | None = None) -> tuple[pd.DataFrame, np.ndarray | None]:
+def checkpoint_rows(model, ckpt: dict, step: int, prompts: Prompts, metrics, errors: list[dict] | None = None,
+                    extras: dict | None = None) -> tuple[pd.DataFrame, np.ndarray | None]:
     """(the checkpoint's rows: step, tokens_seen, metric, layer, head, value; its per-token losses).
-    ``errors``: collects failing metrics instead of raising (``suite.run_suite``)."""
-    rows, tokens = run_suite(model, prompts, metrics, errors=errors)
+    ``errors``: collects failing metrics instead of raising; ``extras``: what the metrics give
+    besides rows (``suite.run_suite``)."""
+    rows, tokens = run_suite(model, prompts, metrics, errors=errors, extras=extras)
     if ckpt.get("val_loss") is not None:
         rows.append(("val_loss", -1, -1, float(ckpt["val_loss"])))
     df = pd.DataFrame(rows, columns=["metric", "layer", "head", "value"])
@@ -127,11 +128,14 @@ def cache_checkpoint(run_dir: str, label: str, step: int, path: str, prompts: Pr
         model = model_from_checkpoint(ckpt, device)
     except Exception as e:  # a bad checkpoint must not stop the sweep; report it in one line
         return {"run": label, "step": step, "path": str(path), "ok": False, "kind": "checkpoint", "error": one_line(e)}
-    df, tokens = checkpoint_rows(model, ckpt, step, prompts.to(device), metrics, errors=metric_errors)
+    extras: dict = {}
+    df, tokens = checkpoint_rows(model, ckpt, step, prompts.to(device), metrics, errors=metric_errors, extras=extras)
     _save_attention(model, ckpt, prompts, layout.attention_cache_path(run_dir, step), device, metric_errors)
     metric_errors = [{"run": label, "step": step, "path": str(path), "kind": "metric", **e} for e in metric_errors]
     if tokens is not None:
         atomic_write(layout.token_cache_path(run_dir, step), lambda f: np.save(f, tokens.astype(np.float32)))
+    if "llc_traces" in extras:  # gathered per run by llc_traces.save
+        write_json({"step": step, **extras["llc_traces"]}, layout.llc_trace_cache_path(run_dir, step), durable=False)
     write_json({"key": key, "metric_errors": metric_errors}, layout.key_path(run_dir, step))
     # written last: its presence (with a matching key) marks the checkpoint as done
     atomic_write(layout.cache_path(run_dir, step), lambda f: df.to_parquet(f, index=False))
