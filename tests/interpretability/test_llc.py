@@ -106,7 +106,7 @@ def trained(model: GPT, x: torch.Tensor, steps: int = 60) -> GPT:
     """A few Adam steps: a model whose outputs are far from uniform, so dropout changes its loss."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(steps):
-        _, loss = model(x[:, :-1], x[:, 1:])
+        _, loss = model(x[:, :-1].contiguous(), x[:, 1:].contiguous())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -128,7 +128,7 @@ def test_llc_vanishes_at_a_vanishing_step_size_with_dropout():
     # the caller's model: its weights and its mode (train) as they were
     assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with torch.no_grad():
-        assert r.init_loss == pytest.approx(model.eval()(x[:, :-1], x[:, 1:])[1].item(), rel=1e-5)
+        assert r.init_loss == pytest.approx(model.eval()(x[:, :-1].contiguous(), x[:, 1:].contiguous())[1].item(), rel=1e-5)
 
 
 @needs_devinterp
@@ -156,6 +156,11 @@ def test_a_drifting_trace_is_flagged():
     assert not still_moving(flat.tolist())
     assert still_moving((flat + np.linspace(0, 0.2, 400)).tolist())
     assert not still_moving([1.0, 2.0, 3.0])  # too short to tell
+    # a stationary but slowly mixing chain (full-batch SGLD: AR(1), correlation time ~50 steps)
+    ar = np.zeros(1000)
+    for t in range(1, 1000):
+        ar[t] = 0.98 * ar[t - 1] + 0.01 * rng.standard_normal()
+    assert not still_moving(ar.tolist())
 
 
 @needs_devinterp
@@ -183,3 +188,38 @@ def test_too_few_windows_for_a_batch():
     x, w = markov_windows(3)
     with pytest.raises(ValueError, match="batch_size=16"):
         estimate_llc(Bigram(w), x[:4], batch_size=16)
+
+
+@needs_devinterp
+def test_llc_metric_through_the_sweep(tmp_path):
+    run_dir = make_run(tmp_path / "run", 0, steps=(0, 6, 12))
+    overrides = ["wandb.mode=disabled", "plots.formats=[png]", "suite.metrics=[induction,llc]",
+                 "suite.llc.num_draws=10", "suite.llc.num_burnin_steps=5", "suite.llc.num_chains=2",
+                 "suite.llc.windows=32", "suite.llc.batch_size=8"]
+    analyze(cfg_for(run_dir, *overrides))
+    table = pd.read_parquet(run_dir / "analysis" / "results.parquet")
+    llc = table[table.metric == "llc"].set_index("step")["value"]
+    assert sorted(llc.index) == [0, 6, 12] and llc.notna().all()
+    assert (table.loc[table.metric == "llc_std", "value"] >= 0).all()
+    info = json.loads((run_dir / "analysis" / "run_info.json").read_text())["prompts"]["llc"]
+    n_tokens = 32 * 31  # 32 windows of block_size 32: 31 predicted tokens each
+    assert info == {"lr": 1e-4, "localization": 100.0, "n_beta": pytest.approx(default_n_beta(n_tokens)),
+                    "num_chains": 2, "num_draws": 10, "num_burnin_steps": 5, "batch_size": 8, "seed": 1234,
+                    "windows": 32}
+    # every checkpoint's chain traces, burn-in included, saved per run and drawn
+    saved = json.loads((run_dir / "analysis" / "llc_traces.json").read_text())["steps"]
+    assert [s["step"] for s in saved] == [0, 6, 12]
+    for s in saved:
+        assert len(s["traces"]) == 2 and all(len(t) == 15 for t in s["traces"]) and s["num_burnin_steps"] == 5
+        assert s["llc"] == pytest.approx(llc[s["step"]])
+        assert s["llc"] == pytest.approx(np.mean([s["n_beta"] * (np.mean(t[5:]) - s["init_loss"])
+                                                  for t in s["traces"]]))
+    assert (run_dir / "plots" / "llc.png").stat().st_size > 10_000
+    assert (run_dir / "plots" / "llc_traces.png").stat().st_size > 10_000
+    # other SGLD settings are another analysis: the cache is not reused
+    analyze(cfg_for(run_dir, *overrides, "suite.llc.lr=1e-3"))
+    again = pd.read_parquet(run_dir / "analysis" / "results.parquet")
+    assert not again[again.metric == "llc"].set_index("step")["value"].equals(llc)
+    # the llc turned off: no traces left behind to be mistaken for this analysis's
+    analyze(cfg_for(run_dir, *overrides[:2], "suite.metrics=[induction]"))
+    assert not (run_dir / "analysis" / "llc_traces.json").exists()

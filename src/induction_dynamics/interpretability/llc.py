@@ -12,9 +12,9 @@ al. 2023) samples weights w near w* by SGLD on the tempered, localised posterior
 
     LLC = n_beta * (E_w[L_n(w)] - L_n(w*))
 
-with L_n the mean next-token cross-entropy on ``windows``. ``localization`` is gamma,
-``n_beta`` the inverse temperature (default ``batch_size / ln(batch_size)``, devinterp's
-``default_nbeta``), ``lr`` the SGLD step size. For a regular model with d parameters the
+with L_n the mean next-token cross-entropy over the n tokens ``windows`` predict. ``localization``
+is gamma, ``n_beta`` the inverse temperature (default n / ln n: Lau et al.'s beta* = 1 / ln n, the
+formula of devinterp's ``default_nbeta`` applied to the n terms of L_n), ``lr`` the SGLD step size. For a regular model with d parameters the
 expectation is d/2 whatever n_beta, as long as gamma is small next to n_beta times the
 loss's curvature (otherwise the estimate measures gamma); the tests check that.
 
@@ -32,8 +32,8 @@ The chains sample an eval-mode copy of the model (``_EvalOnly``): devinterp's sa
 without it, a positive LLC even at a vanishing step size. The caller's model, its mode and
 the global random state are left as they were. A chain whose loss turns NaN/Inf stops
 (devinterp warns) and counts as NaN; a warning (one line) also says when a finite chain has not
-flattened (the mean of the last quarter of its post-burn-in trace differs from the previous
-quarter's by more than ``FLAT_Z`` standard errors) or the estimate is negative: the settings
+flattened (``still_moving``: the mean of the last quarter of its post-burn-in trace differs from
+the previous quarter's by more than ``FLAT_Z`` times the noise of such means) or the estimate is negative: the settings
 need more burn-in or a smaller step (devinterp's sgld_calibration notebook).
 
 devinterp 2.x: its ``devinterp.slt.llc.llc`` runs these chains (``sampler.sample_single_chain``
@@ -59,7 +59,7 @@ from torch import nn
 from induction_dynamics.interpretability.metrics import per_token_losses
 
 _MISSING = "the llc metric needs devinterp 2.x: pip install 'induction-dynamics[llc]'"
-FLAT_Z = 4.0  # standard errors between the last two quarters of a trace that count as "still moving"
+FLAT_Z = 4.0  # noise units between the last two quarters of a trace that count as "still moving"
 
 
 @dataclass
@@ -75,9 +75,9 @@ class LLCResult:
     traces: list[list[float]] = field(default_factory=list)
 
 
-def default_n_beta(batch_size: int) -> float:
-    """devinterp's ``default_nbeta``: batch_size / ln(batch_size)."""
-    return batch_size / math.log(batch_size)
+def default_n_beta(n: int) -> float:
+    """n / ln n (devinterp's ``default_nbeta`` of a batch of n; Lau et al. 2023's beta* = 1 / ln n)."""
+    return n / math.log(n)
 
 
 class _EvalOnly(nn.Module):
@@ -114,20 +114,26 @@ def _own_random_state():
 
 
 def still_moving(trace: list[float], z: float = FLAT_Z) -> bool:
-    """Whether the last quarter of a (post-burn-in) loss trace sits more than ``z`` standard
-    errors away from the previous quarter: the chain has not reached its stationary level."""
-    q = len(trace) // 4
-    if q < 8:  # too short a trace to tell drift from the batch-to-batch spread
+    """Whether a (post-burn-in) loss trace still drifts: the mean of its last quarter differs from
+    the previous quarter's by more than ``z`` times the scatter of its eighths' means about a line
+    through them (batch means: SGLD losses are autocorrelated, so the steps' own spread would
+    understate the noise; the line keeps a steady drift from hiding in that scatter)."""
+    if len(trace) < 32:  # too short a trace to tell drift from the batch-to-batch spread
         return False
-    a, b = np.asarray(trace[-2 * q:-q]), np.asarray(trace[-q:])
-    se = math.sqrt((a.var(ddof=1) + b.var(ddof=1)) / q)
-    return abs(b.mean() - a.mean()) > z * se if se > 0 else bool(b.mean() != a.mean())
+    blocks = np.array([b.mean() for b in np.array_split(np.asarray(trace, dtype=float), 8)])
+    i = np.arange(8)
+    resid = blocks - np.polyval(np.polyfit(i, blocks, 1), i)
+    scatter = math.sqrt((resid ** 2).sum() / 6)
+    diff = abs(blocks[6:].mean() - blocks[4:6].mean())
+    return diff > z * scatter if scatter > 0 else diff > 0
 
 
-def estimate_llc(model, windows: torch.Tensor, *, lr: float = 1e-3, localization: float = 1.0,
-                 n_beta: float | None = None, num_chains: int = 4, num_draws: int = 200,
+def estimate_llc(model, windows: torch.Tensor, *, lr: float = 1e-4, localization: float = 100.0,
+                 n_beta: float | None = None, num_chains: int = 4, num_draws: int = 100,
                  num_burnin_steps: int = 100, batch_size: int = 16, seed: int = 0) -> LLCResult:
     """LLC at the model's weights from SGLD on the (N, T) token ``windows`` (see the module docstring).
+
+    The defaults are the analysis suite's (``analysis.config.LLCConfig``, where their sources are).
 
     Batches are drawn by devinterp's loader, shuffled once per chain and replayed
     (``epoch_mode="cycle"``), whole batches only.
@@ -141,7 +147,7 @@ def estimate_llc(model, windows: torch.Tensor, *, lr: float = 1e-3, localization
         raise ValueError(f"need (N >= batch_size={batch_size}, T) token windows, got {tuple(windows.shape)}")
     if num_draws < 1 or num_burnin_steps < 0:
         raise ValueError(f"need num_draws >= 1 and num_burnin_steps >= 0, got {num_draws}, {num_burnin_steps}")
-    n_beta = default_n_beta(batch_size) if n_beta is None else float(n_beta)
+    n_beta = default_n_beta(windows.shape[0] * (windows.shape[1] - 1)) if n_beta is None else float(n_beta)
     device = str(next(model.parameters()).device)
     frozen = _EvalOnly(copy.deepcopy(model))  # the caller's model is never touched, nor its mode
     with torch.no_grad():
