@@ -12,11 +12,13 @@ No torch here (``plots_only`` reads it without torch installed)::
     <run>/analysis/cache/step_000500.parquet      tidy rows of one checkpoint (the analysis cache)
     <run>/analysis/cache/step_000500.tokens.npy   its per-token losses
     <run>/analysis/cache/step_000500.attention.npz every head's pattern on the fixed [x, x]
+    <run>/analysis/cache/step_000500.llc.json     its LLC chains' loss traces (when llc is on)
     <run>/analysis/cache/step_000500.key.json     what that result was computed from
     <run>/analysis/cache/suite.json               settings and code the cache was computed with
     <run>/analysis/results.parquet (+ .csv)  every checkpoint's rows (analysis/table.py)
     <run>/analysis/token_losses.parquet      per-token losses, one row per checkpoint
     <run>/analysis/attention_patterns.npz    those patterns, every checkpoint
+    <run>/analysis/llc_traces.json           those LLC traces, every checkpoint (analysis/llc_traces.py)
     <run>/analysis/phase_change.csv          detected phase changes (one row per curve)
     <run>/analysis/run_info.json             the run record (analysis/record.py)
     <run>/analysis/errors.json               unreadable checkpoints and failed metrics, a line each
@@ -187,6 +189,10 @@ def key_path(run_dir: Path, step: int) -> Path:
 
 def attention_cache_path(run_dir: Path, step: int) -> Path:
     return cache_dir(run_dir) / f"step_{step:06d}.attention.npz"
+
+
+def llc_trace_cache_path(run_dir: Path, step: int) -> Path:
+    return cache_dir(run_dir) / f"step_{step:06d}.llc.json"
 
 
 def step_of(path: Path) -> int | None:

@@ -113,7 +113,8 @@ def checkpoint_key(path: Path, fingerprint: str) -> dict:
 
 def drop(run_dir: Path, step: int) -> None:
     for p in (layout.cache_path(run_dir, step), layout.token_cache_path(run_dir, step),
-              layout.key_path(run_dir, step), layout.attention_cache_path(run_dir, step)):
+              layout.key_path(run_dir, step), layout.attention_cache_path(run_dir, step),
+              layout.llc_trace_cache_path(run_dir, step)):
         p.unlink(missing_ok=True)
 
 

@@ -19,7 +19,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from induction_dynamics import run_dir as layout
-from induction_dynamics.analysis import attention, outputs
+from induction_dynamics.analysis import attention, llc_traces, outputs
 from induction_dynamics.analysis.cache import collect
 from induction_dynamics.analysis.outputs import RunResult
 from induction_dynamics.analysis.registry import SUITE_IDS
@@ -105,6 +105,7 @@ class Session:
                 continue  # nothing new for this run this pass
             table, tokens = collect(ctx.run_dir, label, ctx.record.seed)
             attention.save_history(ctx.run_dir)
+            llc_traces.save(ctx.run_dir)
             done = set(table["step"].tolist())
             # a checkpoint that failed to load once and has rows now was retried and read fine
             ctx.errors[:] = [e for e in ctx.errors if e.get("kind") in ("metric", "note") or e["step"] not in done]

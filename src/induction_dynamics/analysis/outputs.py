@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from induction_dynamics import run_dir as layout
+from induction_dynamics.analysis import llc_traces
 from induction_dynamics.analysis.attention import load_history
 from induction_dynamics.analysis.phase import (
     detect_phase_change,
@@ -29,6 +30,7 @@ from induction_dynamics.analysis.plots.attention import (
     plot_attention_over_training,
     run_attention_html,
 )
+from induction_dynamics.analysis.plots.circuit import plot_llc_traces
 from induction_dynamics.analysis.record import RunRecord
 from induction_dynamics.analysis.table import (
     curve,
@@ -106,6 +108,8 @@ def write_run(r: RunResult, cfg, draw: bool = True) -> None:
                                       r.phase, r.run_dir / "plots", formats=list(cfg.plots.formats),
                                       dpi=cfg.plots.dpi, loss_metric=cfg.phase.loss_metric)
         _attention_views(r, cfg)
+        r.plots += plot_llc_traces(llc_traces.load(r.run_dir), r.run_dir / "plots", list(cfg.plots.formats),
+                                   cfg.plots.dpi)
         for note in skipped:
             log.info("%s: plot skipped: %s", r.label, note)
 

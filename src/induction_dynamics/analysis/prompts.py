@@ -150,7 +150,7 @@ def make_prompts(suite, *, vocab_size: int, block_size: int, token_counts, val_t
         _, llc_windows = _repeat_windows(data_config or {}, val_tokens, T, c.windows, allowed, counts,
                                          int(seed) * 1000 + _PROMPT_OFFSETS["llc"])
         llc = {"lr": c.lr, "localization": c.localization,
-               "n_beta": c.n_beta if c.n_beta is not None else default_n_beta(c.batch_size),
+               "n_beta": c.n_beta if c.n_beta is not None else default_n_beta(len(llc_windows) * (T - 1)),
                "num_chains": c.num_chains, "num_draws": c.num_draws, "num_burnin_steps": c.num_burnin_steps,
                "batch_size": c.batch_size, "seed": int(seed)}
     return Prompts(allowed, induction, L, prefix, P, text, int(early), int(late), patching, text_repeats, repeats,

@@ -104,7 +104,8 @@ def chunk_size(requested: int | None, n_windows: int, T: int, vocab: int, n_head
 
 @dataclass
 class Context:
-    """What a computation may read: the model, the run's prompts, and the streamed text passes."""
+    """What a computation may read: the model, the run's prompts, and the streamed text passes;
+    ``extras``: what a computation gives besides table values (the LLC's chain loss traces)."""
 
     model: torch.nn.Module
     prompts: Prompts
@@ -112,6 +113,7 @@ class Context:
     chunk: int | None = None   # windows per forward (``chunk_size``)
     precision: str = "float32"  # of the text windows' forwards
     notes: list[dict] = field(default_factory=list)  # what a computation says about its numbers
+    extras: dict = field(default_factory=dict)
 
     def _pass(self, windows: torch.Tensor, **kw) -> TextPass:
         cfg = self.model.config
@@ -253,9 +255,10 @@ def _composition(c: Context) -> Values:  # of the weights: no sampling error
 
 @computes("llc")
 def _llc(c: Context) -> Values:
-    with torch.enable_grad():  # SGLD steps on gradients (on devinterp's copy of the model)
-        r = estimate_llc(c.model, c.prompts.llc_windows, **c.prompts.llc)
-    return {"llc": r.mean, "llc_std": r.std}
+    r = estimate_llc(c.model, c.prompts.llc_windows, **c.prompts.llc)  # SGLD on a copy of the model
+    c.extras["llc_traces"] = {"traces": r.traces, "num_burnin_steps": r.num_burnin_steps,
+                              "init_loss": r.init_loss, "n_beta": r.n_beta, "llc": r.mean}
+    return {"llc": Estimate(r.mean, r.stderr), "llc_std": r.std}
 
 
 # --------------------------------------------------------------------------- values -> rows
@@ -285,7 +288,8 @@ def rows_of(metric: registry.Metric, value) -> list[tuple]:
 
 @torch.no_grad()
 def run_suite(model, prompts: Prompts, metrics, errors: list[dict] | None = None,
-              chunk: int | None = None, precision: str = "float32") -> tuple[list[tuple], np.ndarray | None]:
+              chunk: int | None = None, precision: str = "float32",
+              extras: dict | None = None) -> tuple[list[tuple], np.ndarray | None]:
     """Evaluate the suite ids ``metrics`` on one model:
     ``([(metric, layer, head, value, stderr), ...], token losses)``.
 
@@ -296,7 +300,8 @@ def run_suite(model, prompts: Prompts, metrics, errors: list[dict] | None = None
     A computation that raises gives no rows; with ``errors`` given, ``{"metric", "error"}`` (one
     line) is appended there and the others still run. Without it the exception propagates. A
     computation that has something to say about its numbers (normalised effects left undefined)
-    appends ``{"metric", "note"}`` there too.
+    appends ``{"metric", "note"}`` there too. ``extras``: filled with what the computations give
+    besides rows (``Context.extras``).
     """
     metrics = tuple(str(m) for m in metrics)
     context = Context(model, prompts, metrics, chunk, str(precision))
@@ -319,4 +324,6 @@ def run_suite(model, prompts: Prompts, metrics, errors: list[dict] | None = None
             errors.append({"metric": suite_id, "error": one_line(e)})
     if errors is not None:
         errors += context.notes
+    if extras is not None:
+        extras.update(context.extras)
     return rows, tokens

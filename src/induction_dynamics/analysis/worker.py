@@ -70,11 +70,12 @@ def run_options(suite_cfg) -> dict:
 
 
 def checkpoint_rows(model, ckpt: dict, step: int, prompts: Prompts, metrics,
-                    errors: list[dict] | None = None, options: dict | None = None) -> tuple[pd.DataFrame, np.ndarray | None]:
+                    errors: list[dict] | None = None, options: dict | None = None,
+                    extras: dict | None = None) -> tuple[pd.DataFrame, np.ndarray | None]:
     """(the checkpoint's rows: step, tokens_seen, metric, layer, head, value, stderr; its per-token
     losses). ``errors``: collects failing metrics instead of raising; ``options``: ``run_options``
-    (``suite.run_suite``)."""
-    rows, tokens = run_suite(model, prompts, metrics, errors=errors, **(options or {}))
+    (``suite.run_suite``); ``extras``: what the metrics give besides rows."""
+    rows, tokens = run_suite(model, prompts, metrics, errors=errors, extras=extras, **(options or {}))
     if ckpt.get("val_loss") is not None:
         rows.append(("val_loss", -1, -1, float(ckpt["val_loss"]), float("nan")))
     df = pd.DataFrame(rows, columns=["metric", "layer", "head", "value", "stderr"])
@@ -134,12 +135,15 @@ def cache_checkpoint(run_dir: str, label: str, step: int, path: str, prompts: Pr
     except Exception as e:  # a bad checkpoint must not stop the sweep; report it in one line
         return {"run": label, "step": step, "path": str(path), "ok": False, "kind": "checkpoint", "error": one_line(e)}
     del ckpt["model"]  # the weights are in the model now; a GPT-2-sized copy is half a gigabyte
-    df, tokens = checkpoint_rows(model, ckpt, step, prompts.to(device), metrics, errors=metric_errors, options=options)
+    extras: dict = {}
+    df, tokens = checkpoint_rows(model, ckpt, step, prompts.to(device), metrics, errors=metric_errors, options=options, extras=extras)
     _save_attention(model, ckpt, prompts, layout.attention_cache_path(run_dir, step), device, metric_errors)
     metric_errors = [{"run": label, "step": step, "path": str(path), "kind": "note" if "note" in e else "metric", **e}
                      for e in metric_errors]
     if tokens is not None:
         atomic_write(layout.token_cache_path(run_dir, step), lambda f: np.save(f, tokens.astype(np.float32)))
+    if "llc_traces" in extras:  # gathered per run by llc_traces.save
+        write_json({"step": step, **extras["llc_traces"]}, layout.llc_trace_cache_path(run_dir, step), durable=False)
     write_json({"key": key, "metric_errors": metric_errors}, layout.key_path(run_dir, step))
     # written last: its presence (with a matching key) marks the checkpoint as done
     atomic_write(layout.cache_path(run_dir, step), lambda f: df.to_parquet(f, index=False))

@@ -8,6 +8,8 @@
 - ``llc``          local learning coefficient (mean ± sd across SGLD chains) vs step, above
                     the max induction score; phase window shaded (Hoogland et al. 2024:
                     the induction stage ends where the LLC curve bends). Opt-in metric.
+- ``llc_traces``   one run's SGLD chain losses vs SGLD step at a few checkpoints, burn-in
+                    shaded (``plot_llc_traces``, from ``analysis/llc_traces.json``, not the table).
 
 Same conventions as ``curves`` (``make_plots`` calls both): ``runs`` is ``{run label: tidy
 DataFrame}`` of one model shape, one line per run, files ``<out_dir>/<name>.<fmt>``.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
@@ -90,3 +93,33 @@ def plot_llc(runs: dict, phase, out_dir: Path, formats, dpi) -> list[Path]:
     _finish(ax, ax_ind, phase, "LLC (± sd across chains)", "max induction score",
             "Local learning coefficient around the phase change")
     return save(fig, out_dir, "llc", formats, dpi)
+
+
+def plot_llc_traces(saved: dict | None, out_dir: Path, formats, dpi, max_panels: int = 6) -> list[Path]:
+    """One run's SGLD chain losses minus L(w*) vs SGLD step, a panel per checkpoint (up to
+    ``max_panels``, evenly spread, first and last always), burn-in shaded: a chain should rise and
+    level off inside the burn-in (devinterp's convergence check)."""
+    steps = (saved or {}).get("steps") or []
+    if not steps:
+        return []
+    picks = sorted({round(i * (len(steps) - 1) / max(1, max_panels - 1)) for i in range(min(max_panels, len(steps)))})
+    cols = min(3, len(picks))
+    rows = -(-len(picks) // cols)
+    fig = Figure(figsize=(3.2 * cols, 2.6 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, i in zip(axes, picks):
+        s = steps[i]
+        for c, trace in enumerate(s["traces"]):
+            ax.plot(np.asarray(trace, dtype=float) - s["init_loss"], lw=0.8, label=f"chain {c}")
+        if s["num_burnin_steps"]:
+            ax.axvspan(0, s["num_burnin_steps"], color="grey", alpha=0.15, lw=0, label="burn-in")
+        ax.axhline(0, color="black", lw=0.6, ls="--")
+        ax.set_title(f"step {s['step']}: LLC {s['llc']:.3g}", fontsize=8)
+        ax.set_xlabel("SGLD step", fontsize=8)
+        ax.set_ylabel("L(w) - L(w*) (nats)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes[len(picks):]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=6)
+    fig.suptitle(f"LLC chains' minibatch losses (n_beta {steps[-1]['n_beta']:.4g})", fontsize=9)
+    return save(fig, out_dir, "llc_traces", formats, dpi)
