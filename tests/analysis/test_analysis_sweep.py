@@ -48,8 +48,10 @@ def test_config_yaml_matches_schema():
     for key in ("n_jobs", "seed", "watch_poll_s", "csv", "device", "threads"):
         assert cfg[key] == getattr(schema, key)
     for name, opts in schema.phase.metrics.items():
-        assert (cfg.phase.metrics[name].min_amplitude, cfg.phase.metrics[name].skip_initial_frac) == \
-            (opts.min_amplitude, opts.skip_initial_frac)
+        assert (cfg.phase.metrics[name].min_change, cfg.phase.metrics[name].skip_initial_frac) == \
+            (opts.min_change, opts.skip_initial_frac)
+    for key in ("alpha", "n_sim", "loss_metric", "bump_snr", "control"):
+        assert cfg.phase[key] == getattr(schema.phase, key)
     assert set(cfg.phase.metrics) == set(schema.phase.metrics)
     with pytest.raises(Exception):
         cfg_for("x", "n_jobs=many")  # typed: not an int
@@ -262,15 +264,17 @@ def test_empty_folders_are_clear_errors(tmp_path):
 
 
 def test_detects_the_phase_change_of_a_real_training_run(tmp_path):
-    """A 2-layer attention-only model trained on [x, x] forms an induction head at ~200-260
-    iterations (measured: max induction score 0.06 flat, then 0.2 by 300): the detector must
-    put the window there, from real checkpoints through the whole pipeline."""
+    """A 2-layer attention-only model trained on [x, x] forms an induction head (measured: max
+    induction score 0.056 flat to step 195, 0.18 at 300, 0.7 at 375, 0.88 from 465 on): the
+    detector must put the window there, from real checkpoints through the whole pipeline. (Cut at
+    step 300, mid-rise, the sudden part is a +0.06 onset at step 210, below the registry's 0.1.)"""
     shape = dict(n_layer=2, n_head=4, n_embd=32, block_size=24, attn_only=True, bias=False)
-    run = make_run(tmp_path / "run", 0, steps=tuple(range(0, 301, 10)), shape=shape, batch=32)
+    run = make_run(tmp_path / "run", 0, steps=tuple(range(0, 601, 15)), shape=shape, batch=32)
     out = analyze(cfg_for(run, *FAST, "suite.metrics=[induction,token_loss]"))
     phase = pd.read_csv(run / "analysis" / "phase_change.csv").set_index("metric")
     ind = phase.loc["induction_score_max"]
     assert ind.detected, ind.reason
-    assert 150 <= ind.mid_step <= 300 and ind.start_step < ind.mid_step < ind.end_step
-    assert ind.amp > 0.1
-    assert "induction_score_max: fastest change at step" in out["report"]
+    assert 250 <= ind.mid_step <= 450 and ind.start_step < ind.mid_step < ind.end_step
+    assert ind.amp > 0.3
+    assert ind.p_value <= 0.02 and "noise" in ind.null
+    assert "induction_score_max: phase change at step" in out["report"]

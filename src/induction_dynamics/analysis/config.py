@@ -12,7 +12,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from induction_dynamics.analysis.registry import DEFAULT_SUITE, SuiteMetric, of
+from induction_dynamics.analysis.registry import DEFAULT_SUITE, SuiteMetric
 from induction_dynamics.options import Precision, WandbMode
 
 
@@ -51,21 +51,22 @@ class SuiteConfig:
 
 @dataclass
 class PhaseMetric:
-    min_amplitude: float = 0.05
-    skip_initial_frac: float = 0.0  # fit only after this fraction of the step range (early transients)
+    min_change: Optional[float] = None  # smallest amplitude that counts; null: the registry's
+    skip_initial_frac: float = 0.0  # test only after this fraction of the step range (early transients)
 
 
 @dataclass
 class PhaseConfig:
     metrics: dict[str, PhaseMetric] = field(default_factory=lambda: {
-        "induction_score_max": PhaseMetric(of("induction_score_max").min_change),
-        "icl_score": PhaseMetric(of("icl_score").min_change, 0.15),
-        "icl_score_repeats": PhaseMetric(of("icl_score_repeats").min_change, 0.15)})
+        "induction_score_max": PhaseMetric(),
+        "icl_score": PhaseMetric(None, 0.15),
+        "icl_score_repeats": PhaseMetric(None, 0.15)})
+    alpha: float = 0.02               # p-value threshold (a 5 % false-positive rate: docs/phase_change.md)
+    n_sim: int = 500                  # bootstrap curves per test (at most; fewer when p is large)
     loss_metric: str = "text_loss"    # the loss curve checked for a bump inside the window
-    bump_tol: float = 0.002           # nats; a rise above this inside the window counts as a bump
-    min_snr: float = 4.0
-    min_r2: float = 0.5
-    max_window_frac: float = 1.0
+    bump_snr: float = 2.0             # a bump counts above this many x the loss's own jitter
+    control: Optional[str] = None     # the label of a run without induction heads (a one-layer model)
+                                      # in the same sweep: its loss bump in each window is subtracted
 
 
 @dataclass

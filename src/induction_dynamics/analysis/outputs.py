@@ -22,7 +22,9 @@ from induction_dynamics.analysis.attention import load_history
 from induction_dynamics.analysis.phase import (
     detect_phase_change,
     format_summary,
+    holm,
     loss_bump,
+    noise_level,
     summarize_across_seeds,
 )
 from induction_dynamics.analysis.plots import make_plots
@@ -66,28 +68,45 @@ class RunResult:
         return self.record.run
 
 
-def phase_table(table: pd.DataFrame, phase_cfg, record: RunRecord | None = None) -> pd.DataFrame:
-    """One row per curve of ``phase.metrics``: the PhaseChange fields + the loss bump in its window.
-    ``record``: the run the table is of (its label, seed and shape head each row)."""
+def phase_table(table: pd.DataFrame, phase_cfg, record: RunRecord | None = None,
+                control: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per curve of ``phase.metrics``: the PhaseChange fields (each curve's own test),
+    ``p_holm`` (Holm's correction over those curves), and the loss bump in its window
+    (``loss_bumps``). ``record``: the run the table is of (its label, seed and
+    shape head each row); ``control``: a control run's table (its bump is subtracted)."""
     record = record or RunRecord(run="", run_dir="")
-    loss = model_metric(table, phase_cfg.loss_metric)
-    loss_name = phase_cfg.loss_metric
-    if loss.empty:
-        loss, loss_name = model_metric(table, "val_loss"), "val_loss"
     rows = []
     for name, opts in phase_cfg.metrics.items():
         c = curve(table, name)
-        pc = detect_phase_change(c.index.to_numpy(), c.to_numpy(), name, min_amplitude=opts.min_amplitude,
-                                 min_snr=phase_cfg.min_snr, min_r2=phase_cfg.min_r2,
-                                 max_window_frac=phase_cfg.max_window_frac,
-                                 skip_initial_frac=opts.skip_initial_frac)
+        pc = detect_phase_change(c.index.to_numpy(), c.to_numpy(), name, min_change=opts.min_change,
+                                 alpha=phase_cfg.alpha, skip_initial_frac=opts.skip_initial_frac,
+                                 n_sim=phase_cfg.n_sim)
         if c.empty:
             pc.reason = f"no {name} in the table"
-        bump = loss_bump(loss.index.to_numpy(), loss.to_numpy(), pc.start_step, pc.end_step)
-        rows.append({"run": record.run, "seed": record.seed, "shape": record.shape, **pc.as_dict(),
-                     "loss_metric": loss_name, "loss_bump": bump,
-                     "loss_bump_in_window": bool(math.isfinite(bump) and bump > phase_cfg.bump_tol)})
-    return pd.DataFrame(rows)
+        rows.append({"run": record.run, "seed": record.seed, "shape": record.shape, **pc.as_dict()})
+    phase = pd.DataFrame(rows)
+    phase["p_holm"] = holm(phase["p_value"])  # the summary's call (summarize_across_seeds) uses it
+    return loss_bumps(phase, table, phase_cfg, control)
+
+
+def loss_bumps(phase: pd.DataFrame, table: pd.DataFrame, phase_cfg, control: pd.DataFrame | None = None) -> pd.DataFrame:
+    """``phase`` with the loss bump of each window: ``loss_bump`` (the largest rise of the loss above
+    its running minimum there), ``loss_noise`` (the loss's checkpoint-to-checkpoint jitter),
+    ``loss_bump_control`` (the control run's bump in the same window; NaN without one) and
+    ``loss_bump_in_window``: the bump, less the control's, above ``bump_snr`` x the jitter."""
+    loss, loss_name = model_metric(table, phase_cfg.loss_metric), phase_cfg.loss_metric
+    if loss.empty:
+        loss, loss_name = model_metric(table, "val_loss"), "val_loss"
+    ctrl = model_metric(control, loss_name) if control is not None else pd.Series(dtype=float)
+    noise = noise_level(loss.to_numpy()) if len(loss) else math.nan
+    out = phase.copy()
+    bumps = [loss_bump(loss.index.to_numpy(), loss.to_numpy(), a, b) for a, b in zip(out["start_step"], out["end_step"])]
+    ctrl_bumps = [loss_bump(ctrl.index.to_numpy(), ctrl.to_numpy(), a, b) if len(ctrl) else math.nan
+                  for a, b in zip(out["start_step"], out["end_step"])]
+    out["loss_metric"], out["loss_bump"], out["loss_noise"], out["loss_bump_control"] = loss_name, bumps, noise, ctrl_bumps
+    out["loss_bump_in_window"] = [bool(math.isfinite(b) and b - (c if math.isfinite(c) else 0.0) > phase_cfg.bump_snr * noise)
+                                  for b, c in zip(bumps, ctrl_bumps)]
+    return out
 
 
 def write_run(r: RunResult, cfg, draw: bool = True) -> None:
@@ -136,9 +155,16 @@ def write_sweep(root: Path, results: list[RunResult], cfg) -> pd.DataFrame:
     if not done:
         return pd.DataFrame()
     write_atomic(make_frame(pd.concat([r.table for r in done])), out / "results.parquet", csv=cfg.csv)
+    control = next((r for r in done if r.label == cfg.phase.control), None)
+    if cfg.phase.control is not None and control is None:
+        log.warning("phase.control=%s is not among the runs analysed: loss bumps are judged without a control",
+                    cfg.phase.control)
+    for r in done if control is not None else []:
+        r.phase = loss_bumps(r.phase, r.table, cfg.phase, None if r is control else control.table)
+        write_text(layout.analysis_dir(r.run_dir) / "phase_change.csv", r.phase.to_csv(index=False))
     phase = pd.concat([r.phase for r in done], ignore_index=True)
     write_text(out / "phase_change.csv", phase.to_csv(index=False))
-    summary = summarize_across_seeds(phase)
+    summary = summarize_across_seeds(phase, alpha=cfg.phase.alpha)
     write_text(out / "phase_change_summary.csv", summary.to_csv(index=False))
     shapes = sorted({r.record.shape for r in done})
     if len(shapes) > 1:

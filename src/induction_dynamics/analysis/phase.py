@@ -1,83 +1,81 @@
-"""Phase-change detection on a metric-vs-step curve (numpy/scipy only: no torch).
+"""Phase-change detection on a metric-vs-step curve (numpy only: no torch).
 
-Olsson et al. (2022, section "Argument 1") see induction heads form in a narrow window
-of training where the induction score jumps, the in-context-learning score drops and the
-training loss shows a small bump. This module finds that window on a curve sampled at
-checkpoint steps.
+Olsson et al. (2022, section "Argument 1") see induction heads form in a narrow window of
+training where the induction score jumps, the in-context-learning score drops and the training
+loss shows a small bump. This module calls that window on a curve sampled at checkpoint steps,
+and says "none" with a reason when the curve does not show it.
 
 Method
 ------
-1. Drop NaNs, sort by step; with ``skip_initial_frac`` > 0, drop the checkpoints in that
-   first fraction of the step range (a curve with an early-training transient, like the ICL
-   score, which falls while the model first learns n-grams, long before any induction head;
-   a single logistic would fit that transient instead of the phase change). Fewer than
-   ``MIN_POINTS`` checkpoints: "none".
-2. Robust smoothing: a running median of 3 (from 5 points on), which removes a single
-   outlying checkpoint but keeps a sharp jump sharp.
-3. Noise level: ``1.4826 * MAD(diff(y)) / sqrt(2)``, the median-absolute-deviation of the
-   first differences of the raw curve. A jump is a few large differences among many small
-   ones, so the MAD ignores it and measures only the checkpoint-to-checkpoint jitter.
-4. Fit a four-parameter logistic to the smoothed curve,
-   ``y = lo + amp / (1 + exp(-(step - mid) / width))``, with ``scipy.optimize.least_squares``
-   (soft-L1 loss, scale = noise level, so remaining outliers pull little), steps rescaled to
-   [0, 1], ``mid`` bounded to the observed range, ``width`` to [1e-4, 1] of it, and started
-   from several midpoints (where the smoothed curve is steepest, and a grid); the best fit
-   wins. ``amp`` has a sign: a falling curve (the ICL score) fits with ``amp < 0``.
-5. Accept the fit only if it is a real transition: ``|amp| >= min_amplitude`` (in the
-   metric's units, from config), ``|amp| >= min_snr * noise``, R^2 of the fit against the
-   raw curve ``>= min_r2``, and the 10%->90% window no wider than ``max_window_frac`` of the
-   observed step range (a straight trend over the whole run is not a phase change).
-   Otherwise the answer is "none" with the reason.
+1. Drop NaNs, sort by step; with ``skip_initial_frac`` > 0, drop the checkpoints in that first
+   fraction of the step range. Fewer than ``jump_test.MIN_POINTS`` checkpoints: "none".
+2. ``jump_test``: a likelihood-ratio test of a sudden rise and of a sudden fall (a logistic in
+   log-step, with a plateau of at least three checkpoints before its midpoint and a window of at
+   most an eighth of the log-step range) against smooth monotone curves in white, AR(1) or
+   random-walk noise, with a p-value from a parametric bootstrap of the best no-jump fit. A rise
+   that starts at the first checkpoint and levels off is one of those smooth curves.
+3. The metric's expected direction (``registry``: induction-type scores rise, ICL scores fall) is
+   the phase change: detected when its p-value is at most ``alpha`` and its amplitude at least
+   ``min_change`` (the registry's smallest change that counts, in the metric's unit). A
+   significant change of the other sign is reported as what it is, not as the phase change. A
+   metric with no expected direction is tested both ways (Bonferroni: p doubled).
 
-Reported: ``mid_step`` (where the fitted curve changes fastest: the logistic's midpoint),
-``start_step``/``end_step`` (where the fit crosses 10% and 90% of its amplitude, i.e.
-``mid -/+ ln(9) * width``), and the fit's ``lo``, ``amp``, ``r2``, ``noise``.
+Reported: ``mid_step`` (the logistic's midpoint), ``start_step``/``end_step`` (where it covers
+10 % and 90 % of its amplitude), clipped to the observed steps (``open_ended`` says so), ``amp``
+(the fitted curve's change across the window),
+``p_value``, ``null`` (the no-jump model the bootstrap simulated), ``noise`` (the curve's
+checkpoint-to-checkpoint jitter), the other
+sign's ``opposite_p_value``. The false-positive rate and power, measured on simulated curves at
+the histories' own checkpoint spacing: docs/phase_change.md.
 
-Loss bump: inside the window (widened to the nearest checkpoint on each side, so coarse
-checkpoints still count), the largest rise of the loss above its running minimum so far:
-``max_j (loss_j - min_{i<j} loss_i)``. A loss that only falls gives 0.
+Loss bump: inside the window (widened to the nearest checkpoint on each side), the largest rise
+of the loss above its running minimum so far; it counts when it exceeds the loss's own
+checkpoint-to-checkpoint noise (``bump_snr`` times it) and, when a control run is analysed, the
+control's bump in the same window by as much.
+
+Across seeds (``summarize_across_seeds``): the per-seed p-values combined by Stouffer's method;
+a phase change counts only when every seed's larger move has the expected sign; the midpoint is
+the median over seeds with a bootstrap interval; Holm's correction over the metrics tested.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import least_squares
 
-MIN_POINTS = 4  # a 4-parameter logistic needs at least 4 checkpoints
-LN9 = math.log(9.0)  # 10% -> 90% of a logistic spans mid +/- ln(9) * width
+from induction_dynamics.analysis import registry
+from induction_dynamics.analysis.jump_test import DIRECTIONS, MIN_POINTS, jump_test
+
+# the bootstrap p-value's threshold: at 0.02 the false-positive rate stays at or below 5 % on every
+# simulated null family (docs/phase_change.md); at 0.05 random walks are called ~12 % of the time
+ALPHA = 0.02
 
 
 @dataclass
 class PhaseChange:
-    """The detected transition of one curve (NaN fields and a ``reason`` when none)."""
+    """The phase change of one curve (NaN window fields and a ``reason`` when none)."""
 
     metric: str
     detected: bool
+    direction: str = ""          # the sign tested as the phase change (the metric's expected one)
     mid_step: float = math.nan
     start_step: float = math.nan
     end_step: float = math.nan
-    lo: float = math.nan
-    amp: float = math.nan
-    width_steps: float = math.nan
-    r2: float = math.nan
-    noise: float = math.nan
+    open_ended: bool = False     # the 10-90 % window reaches past the first or last checkpoint
+    amp: float = math.nan        # change of the fitted curve across the window, in the metric's unit (signed)
+    p_value: float = math.nan    # of the expected direction
+    null: str = ""               # the no-jump model rejected (or not)
+    noise: float = math.nan      # checkpoint-to-checkpoint jitter of the curve (``noise_level``)
+    opposite_p_value: float = math.nan
     n_points: int = 0
     reason: str = ""
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _running_median3(y: np.ndarray) -> np.ndarray:
-    if len(y) < 5:
-        return y.copy()
-    out = y.copy()
-    out[1:-1] = np.median(np.stack([y[:-2], y[1:-1], y[2:]]), axis=0)
-    return out
 
 
 def noise_level(y: np.ndarray) -> float:
@@ -88,93 +86,97 @@ def noise_level(y: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(d - np.median(d))) / math.sqrt(2.0))
 
 
-def _logistic(u: np.ndarray, lo: float, amp: float, mid: float, width: float) -> np.ndarray:
-    z = np.clip((u - mid) / width, -60.0, 60.0)  # avoid exp overflow warnings on sharp fits
-    return lo + amp / (1.0 + np.exp(-z))
+def expected_direction(metric: str) -> str:
+    """The registry's expected direction of a curve ("rise", "fall" or "none"; "none" when unknown)."""
+    try:
+        return str(registry.of(metric).direction)
+    except KeyError:
+        return "none"
 
 
-def _fit(u: np.ndarray, y: np.ndarray, scale: float):
-    """Best logistic fit of y(u), u in [0, 1], from several starting midpoints."""
-    k = max(1, len(y) // 4)
-    lo0, hi0 = float(np.median(y[:k])), float(np.median(y[-k:]))
-    amp0 = hi0 - lo0 if hi0 != lo0 else float(y.max() - y.min()) or 1e-3
-    slope = np.gradient(y, u) if len(np.unique(u)) == len(u) else np.zeros_like(y)
-    starts = {float(u[int(np.argmax(np.abs(slope)))])} | {0.1, 0.3, 0.5, 0.7, 0.9}
-    best = None
-    for mid0 in sorted(starts):
-        x0 = [lo0, amp0, min(max(mid0, 1e-3), 1 - 1e-3), 0.05]
-        try:
-            res = least_squares(
-                lambda p: _logistic(u, *p) - y, x0,
-                bounds=([-np.inf, -np.inf, 0.0, 1e-4], [np.inf, np.inf, 1.0, 1.0]),
-                loss="soft_l1", f_scale=max(scale, 1e-6), max_nfev=2000,
-            )
-        except (ValueError, np.linalg.LinAlgError):
-            continue
-        sse = float(np.sum((_logistic(u, *res.x) - y) ** 2))
-        if best is None or sse < best[1]:
-            best = (res.x, sse)
-    return None if best is None else best[0]
+def default_min_change(metric: str) -> float:
+    try:
+        return float(registry.of(metric).min_change)
+    except KeyError:
+        return 0.0
 
 
-def detect_phase_change(steps, values, metric: str = "", *, min_amplitude: float = 0.05,
-                        min_snr: float = 4.0, min_r2: float = 0.5,
-                        max_window_frac: float = 1.0, skip_initial_frac: float = 0.0) -> PhaseChange:
-    """Find the phase change of one curve (see the module docstring for the method).
+def detect_phase_change(steps, values, metric: str = "", *, direction: str | None = None,
+                        min_change: float | None = None, alpha: float = ALPHA, skip_initial_frac: float = 0.0,
+                        n_sim: int = 500, seed: int = 0) -> PhaseChange:
+    """Call the phase change of one curve (see the module docstring for the method).
 
-    ``steps`` and ``values`` are 1-D sequences of equal length (any order; NaNs dropped).
+    ``steps`` and ``values``: 1-D sequences of equal length (any order; NaNs dropped).
+    ``direction`` and ``min_change`` default to the registry's for ``metric``.
     Returns a PhaseChange; ``detected=False`` with a ``reason`` when there is none.
     """
+    direction = expected_direction(metric) if direction is None else str(direction)
+    if direction not in (*DIRECTIONS, "none"):
+        raise ValueError(f"direction must be one of rise, fall, none, got {direction!r}")
+    min_change = default_min_change(metric) if min_change is None else float(min_change)
+    if not 0.0 <= skip_initial_frac < 1.0:
+        raise ValueError(f"skip_initial_frac must lie in [0, 1), got {skip_initial_frac}")
     s = np.asarray(steps, dtype=float)
     y = np.asarray(values, dtype=float)
     keep = np.isfinite(s) & np.isfinite(y)
     s, y = s[keep], y[keep]
     order = np.argsort(s, kind="stable")
     s, y = s[order], y[order]
-    if not 0.0 <= skip_initial_frac < 1.0:
-        raise ValueError(f"skip_initial_frac must lie in [0, 1), got {skip_initial_frac}")
     if skip_initial_frac > 0 and len(s):
         later = s >= s[0] + skip_initial_frac * (s[-1] - s[0])
         s, y = s[later], y[later]
-    out = PhaseChange(metric=metric, detected=False, n_points=len(s))
+    out = PhaseChange(metric=metric, detected=False, direction=direction, n_points=len(s))
     if len(s) < MIN_POINTS:
         out.reason = f"only {len(s)} checkpoints (need {MIN_POINTS})"
         return out
-    span = float(s[-1] - s[0])
-    if span <= 0:
-        out.reason = "all checkpoints at one step"
+    if len(np.unique(s)) < len(s):
+        out.reason = "two values at one step"
         return out
-
-    u = (s - s[0]) / span  # steps rescaled to [0, 1] for a well-conditioned fit
-    noise = noise_level(y)
-    out.noise = noise
-    smooth = _running_median3(y)
-    params = _fit(u, smooth, scale=noise if noise > 0 else float(np.std(y)) or 1e-3)
-    if params is None:
-        out.reason = "logistic fit failed"
+    if np.ptp(y) == 0:
+        out.reason = "the curve is constant"
         return out
-    lo, amp, mid, width = (float(p) for p in params)
-    fitted = _logistic(u, lo, amp, mid, width)
-    sst = float(np.sum((y - y.mean()) ** 2))
-    r2 = 1.0 - float(np.sum((y - fitted) ** 2)) / sst if sst > 0 else 0.0
-    out.lo, out.amp, out.r2 = lo, amp, r2
-    out.mid_step = s[0] + mid * span
-    out.width_steps = width * span
-    out.start_step = out.mid_step - LN9 * out.width_steps
-    out.end_step = out.mid_step + LN9 * out.width_steps
+    test = jump_test(s, y, n_sim=n_sim, seed=seed)
+    out.null, out.noise = test.null, noise_level(y)
+    if direction == "none":  # either sign may be the change: the better one, at twice its p-value
+        best = min(DIRECTIONS, key=lambda d: test.of(d).p_value)
+        jump, other = test.of(best), test.of("fall" if best == "rise" else "rise")
+        out.direction, p = best, min(1.0, 2.0 * jump.p_value)
+    else:
+        jump, other = test.of(direction), test.of("fall" if direction == "rise" else "rise")
+        p = jump.p_value
+    start, mid, end = jump.step_at(0.1), jump.step_at(0.5), jump.step_at(0.9)
+    out.open_ended = bool(start < s[0] or end > s[-1])
+    out.start_step, out.mid_step, out.end_step = max(start, s[0]), mid, min(end, s[-1])
+    # what the curve does across the window (the smooth part included): the size a reader sees
+    amp = float(np.interp(out.end_step, s, jump.fitted) - np.interp(out.start_step, s, jump.fitted))
+    out.p_value, out.opposite_p_value, out.amp = p, other.p_value, amp
 
-    if abs(amp) < min_amplitude:
-        out.reason = f"amplitude {abs(amp):.3g} below min_amplitude {min_amplitude:g}"
-    elif noise > 0 and abs(amp) < min_snr * noise:
-        out.reason = f"amplitude {abs(amp):.3g} below {min_snr:g} x noise {noise:.3g}"
-    elif r2 < min_r2:
-        out.reason = f"logistic explains R^2={r2:.2f} < {min_r2:g} of the curve"
-    elif 2 * LN9 * width > max_window_frac:
-        out.reason = "gradual trend over the whole run, no window (10%->90% wider than the range)"
+    if p > alpha:
+        out.reason = f"no sudden {out.direction} beyond the smooth null (p={p:.3g} > {alpha:g}; null: {test.null})"
+        if direction != "none" and other.p_value <= alpha:
+            out.reason = (f"a sudden {other.direction} (p={other.p_value:.3g}), opposite to the {direction} "
+                          f"expected of {metric}: not the phase change")
+    elif abs(amp) < min_change or (amp > 0) != (out.direction == "rise"):
+        out.reason = f"significant (p={p:.3g}) but the change across the window, {amp:+.3g}, is below min_change {min_change:g}"
     else:
         out.detected = True
-    if not out.detected:  # keep the fit diagnostics but no window
+    if not out.detected:  # keep the fit's diagnostics but no window
         out.mid_step = out.start_step = out.end_step = math.nan
+        out.open_ended = False
+    return out
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm's step-down adjusted p-values (family-wise error over the tests given)."""
+    p = np.asarray(p_values, dtype=float)
+    out = np.full(len(p), math.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    order = ok[np.argsort(p[ok], kind="stable")]
+    m = len(order)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
     return out
 
 
@@ -199,46 +201,81 @@ def loss_bump(steps, loss, start: float, end: float) -> float:
     return float(max(0.0, max(rises))) if rises else 0.0
 
 
-def summarize_across_seeds(per_run: pd.DataFrame, by: tuple[str, ...] = ("shape", "metric")) -> pd.DataFrame:
-    """Mean and sd across runs (seeds) of each metric's phase-change steps.
+def stouffer(p_values) -> float:
+    """One-sided p-values of independent tests combined: 1 - Phi(sum z_i / sqrt(k))."""
+    p = np.clip(np.asarray(p_values, dtype=float), 1e-12, 1.0 - 1e-12)
+    if len(p) == 0:
+        return math.nan
+    z = NormalDist()  # the standard normal (stdlib: the plots-only path imports no scipy.stats)
+    return float(1.0 - z.cdf(sum(z.inv_cdf(1.0 - float(x)) for x in p) / math.sqrt(len(p))))
+
+
+def median_interval(values, *, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(median, lower, upper): the median of ``values`` and a percentile bootstrap interval."""
+    v = np.asarray([x for x in values if math.isfinite(x)], dtype=float)
+    if len(v) == 0:
+        return math.nan, math.nan, math.nan
+    boots = np.median(np.random.default_rng(seed).choice(v, size=(n_boot, len(v))), axis=1)
+    tail = (1.0 - level) / 2.0
+    return float(np.median(v)), float(np.quantile(boots, tail)), float(np.quantile(boots, 1.0 - tail))
+
+
+def summarize_across_seeds(per_run: pd.DataFrame, by: tuple[str, ...] = ("shape", "metric"),
+                           alpha: float = ALPHA) -> pd.DataFrame:
+    """One row per (shape, metric) over the runs (seeds): Stouffer's combination of the per-seed
+    p-values, Holm-adjusted over the metrics of a shape (``p_holm``); ``detected`` when that is at
+    most ``alpha`` and no seed's larger move is of the other sign (``same_sign``); the median
+    midpoint and window with 95 % bootstrap intervals over the seeds that detected it.
 
     ``per_run`` has one row per (run, metric) with the PhaseChange fields (+ ``loss_bump_in_window``).
-    Only detected runs enter the means; ``n_detected`` of ``n_runs`` says how many.
     """
     by = [c for c in by if c in per_run.columns]
     rows = []
     for key, g in per_run.groupby(by, sort=True):
         d = g[g["detected"].astype(bool)]
         row = dict(zip(by, key if isinstance(key, tuple) else (key,)))
-        row.update(n_runs=len(g), n_detected=len(d))
+        p, q = g["p_value"].astype(float), g["opposite_p_value"].astype(float)
+        row.update(n_runs=len(g), n_detected=len(d), same_sign=bool(((p <= q) | q.isna()).all()),
+                   p_combined=stouffer(p.fillna(1.0)))
         for col in ("mid_step", "start_step", "end_step"):
-            vals = d[col].astype(float)
-            row[f"{col}_mean"] = float(vals.mean()) if len(vals) else math.nan
-            row[f"{col}_sd"] = float(vals.std(ddof=1)) if len(vals) > 1 else math.nan
+            m, lo, hi = median_interval(d[col].astype(float))
+            row.update({f"{col}_median": m, f"{col}_lo": lo, f"{col}_hi": hi})
         if "loss_bump_in_window" in d:
             row["n_loss_bump"] = int(d["loss_bump_in_window"].fillna(False).astype(bool).sum())
         rows.append(row)
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    groups = out.groupby([c for c in by if c != "metric"], sort=False) if len(by) > 1 else [(None, out)]
+    out["p_holm"] = math.nan
+    for _, g in groups:
+        out.loc[g.index, "p_holm"] = holm(g["p_combined"])
+    out["detected"] = (out["p_holm"] <= alpha) & out["same_sign"] & (out["n_detected"] > 0)
+    return out
 
 
 def format_summary(summary: pd.DataFrame) -> str:
-    """Human-readable lines: 'metric: phase change at step M +/- sd (window start S +/- sd), k/n runs'."""
+    """Human-readable lines: 'metric: phase change at step M [lo, hi] (window S -> E), p=..., k/n runs'."""
 
-    def pm(mean, sd):
-        if not math.isfinite(mean):
+    def fmt(r, col):
+        m = r[f"{col}_median"]
+        if not math.isfinite(m):
             return "-"
-        return f"{mean:,.0f}" + (f" ± {sd:,.0f}" if math.isfinite(sd) else "")
+        lo, hi = r[f"{col}_lo"], r[f"{col}_hi"]
+        return f"{m:,.0f}" + (f" [{lo:,.0f}, {hi:,.0f}]" if r["n_detected"] > 1 and lo != hi else "")
 
     lines = []
     for r in summary.itertuples(index=False):
         r = r._asdict()
         prefix = f"[{r['shape']}] " if "shape" in r else ""
-        if r["n_detected"] == 0:
-            lines.append(f"{prefix}{r['metric']}: no phase change detected in {r['n_runs']} run(s)")
+        p = f"p={r['p_combined']:.2g}" + (f", Holm {r['p_holm']:.2g}" if r["p_holm"] != r["p_combined"] else "")
+        if not r["detected"]:
+            why = "" if r["same_sign"] else ", a seed moves the other way"
+            lines.append(f"{prefix}{r['metric']}: no phase change ({p}{why}; detected in "
+                         f"{r['n_detected']}/{r['n_runs']} run(s))")
             continue
         bump = f", loss bump in {r['n_loss_bump']}" if "n_loss_bump" in r else ""
-        lines.append(
-            f"{prefix}{r['metric']}: fastest change at step {pm(r['mid_step_mean'], r['mid_step_sd'])} "
-            f"(window {pm(r['start_step_mean'], r['start_step_sd'])} -> {pm(r['end_step_mean'], r['end_step_sd'])}), "
-            f"detected in {r['n_detected']}/{r['n_runs']} run(s){bump}")
+        lines.append(f"{prefix}{r['metric']}: phase change at step {fmt(r, 'mid_step')} (window "
+                     f"{fmt(r, 'start_step')} -> {fmt(r, 'end_step')}), {p}, detected in "
+                     f"{r['n_detected']}/{r['n_runs']} run(s){bump}")
     return "\n".join(lines)

@@ -96,8 +96,8 @@ class AnalysisLogger:
         summary = {f"analysis/prompts/{k}": v for k, v in prompts.items()}
         records = phase.to_dict("records")
         for r in records:
-            for key in ("detected", "mid_step", "start_step", "end_step", "amp", "r2", "loss_bump",
-                        "loss_bump_in_window", "reason"):
+            for key in ("detected", "mid_step", "start_step", "end_step", "open_ended", "amp", "p_value",
+                        "p_holm", "null", "loss_bump", "loss_bump_in_window", "reason"):
                 if key in r:
                     summary[f"analysis/phase/{r['metric']}/{key}"] = r[key]
         for s in steps if records else []:  # the marker: a step function over the training iterations
