@@ -171,3 +171,26 @@ def test_summary_across_seeds():
     flip.loc[i, ["p_value", "opposite_p_value"]] = [0.5, 0.01]
     row = summarize_across_seeds(flip).set_index("metric").loc["induction_score_max"]
     assert not row.same_sign and not row.detected
+
+
+def test_the_report_warns_when_a_score_is_within_its_own_noise():
+    from induction_dynamics.analysis.config import PhaseConfig
+    from induction_dynamics.analysis.outputs import RunResult, noise_warnings, phase_table
+    from induction_dynamics.analysis.record import RunRecord
+    from induction_dynamics.analysis.table import make_frame
+
+    rng = np.random.default_rng(0)
+    steps = QUICKSTART
+    icl = -0.3 / (1 + np.exp(-(steps - 2_000) / 80)) + rng.normal(0, 0.01, len(steps))
+
+    def result(stderr):
+        rows = [dict(run="r", seed=0, shape="L2", step=int(s), tokens_seen=int(s), metric="icl_score", layer=-1,
+                     head=-1, value=float(v), stderr=stderr) for s, v in zip(steps, icl)]
+        r = RunResult(RunRecord(run="r", run_dir="."), make_frame(rows), pd.DataFrame())
+        r.phase = phase_table(r.table, PhaseConfig())
+        return r
+
+    assert noise_warnings(result(0.005), PhaseConfig()) == []  # se 0.005: a tenth of min_change 0.05
+    noisy = noise_warnings(result(0.2), PhaseConfig())
+    assert any("icl_score's standard error (median 0.2)" in w and "raise suite.text_windows" in w for w in noisy)
+    assert any("icl_score's change across its window" in w and "within its own noise" in w for w in noisy)

@@ -135,7 +135,7 @@ class Session:
         n_ckpt = sum(r.table["step"].nunique() for r in ordered if not r.table.empty)
         text = outputs.report(self.root, ordered, summary, self.is_sweep,
                               f"analysed {len(ordered)} run(s), {n_ckpt} checkpoint(s) ({self.n_new} new) "
-                              f"in {time.perf_counter() - t0:.1f} s") if ordered else ""
+                              f"in {time.perf_counter() - t0:.1f} s", self.cfg.phase) if ordered else ""
         if text:
             print(text)
         failed = {k: s.failure for k, s in self.runs.items() if s.failure}
@@ -165,7 +165,7 @@ def redraw(root: Path, cfg) -> dict:
             logger.finish(r.table, r.phase, r.plots, r.record.prompts)
     summary = outputs.write_sweep(root, results, cfg) if is_sweep else pd.DataFrame()
     text = outputs.report(root, results, summary, is_sweep, f"plots regenerated for {len(results)} run(s) "
-                                                            f"in {time.perf_counter() - t0:.1f} s (plots_only)")
+                                                            f"in {time.perf_counter() - t0:.1f} s (plots_only)", cfg.phase)
     print(text)
     return {"results": results, "summary": summary, "report": text}
 

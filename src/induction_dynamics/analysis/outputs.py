@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from induction_dynamics import run_dir as layout
@@ -25,6 +26,7 @@ from induction_dynamics.analysis.phase import (
     holm,
     loss_bump,
     noise_level,
+    default_min_change,
     summarize_across_seeds,
 )
 from induction_dynamics.analysis.plots import make_plots
@@ -36,6 +38,7 @@ from induction_dynamics.analysis.plots.circuit import plot_llc_traces
 from induction_dynamics.analysis.record import RunRecord
 from induction_dynamics.analysis.table import (
     curve,
+    curve_stderr,
     make_frame,
     model_metric,
     write_atomic,
@@ -180,15 +183,48 @@ def write_sweep(root: Path, results: list[RunResult], cfg) -> pd.DataFrame:
     return summary
 
 
-def report(root: Path, results: list[RunResult], summary: pd.DataFrame, is_sweep: bool, headline: str) -> str:
-    """What the command prints at the end: the headline, the phase changes, errors, where the files are."""
+NOISE_FRACTION = 0.25  # a score whose standard error exceeds this fraction of a change cannot resolve it
+
+
+def noise_warnings(r: RunResult, phase_cfg) -> list[str]:
+    """One line per phase curve of run ``r`` whose numbers are within their own noise: a curve
+    whose median standard error exceeds ``NOISE_FRACTION`` of the smallest change that counts, or a
+    detected change smaller than twice the standard error of the difference across its window."""
+    out = []
+    phase = r.phase.set_index("metric") if r.phase is not None and len(r.phase) else None
+    for name, opts in phase_cfg.metrics.items():
+        se = curve_stderr(r.table, name).dropna()
+        if se.empty:
+            continue
+        min_change = opts.min_change if opts.min_change is not None else default_min_change(name)
+        med = float(se.median())
+        if min_change > 0 and med > NOISE_FRACTION * min_change:
+            out.append(f"{r.label}: {name}'s standard error (median {med:.3g}) is above {NOISE_FRACTION:g} of the "
+                       f"smallest change that counts ({min_change:g}): raise suite.text_windows")
+        if phase is not None and name in phase.index and bool(phase.loc[name, "detected"]):
+            row = phase.loc[name]
+            ends = se.reindex([se.index[np.abs(se.index - row.start_step).argmin()],
+                               se.index[np.abs(se.index - row.end_step).argmin()]])
+            noise = 2.0 * math.sqrt(float((ends ** 2).sum()))
+            if abs(row.amp) < noise:
+                out.append(f"{r.label}: {name}'s change across its window ({row.amp:+.3g}) is within its own "
+                           f"noise (2 se = {noise:.3g})")
+    return out
+
+
+def report(root: Path, results: list[RunResult], summary: pd.DataFrame, is_sweep: bool, headline: str,
+           phase_cfg=None) -> str:
+    """What the command prints at the end: the headline, the phase changes, numbers within their
+    noise (with ``phase_cfg``), errors, where the files are."""
     lines = [headline]
     done = [r for r in results if not r.table.empty]
     if summary.empty and done:
         summary = summarize_across_seeds(pd.concat([r.phase for r in done], ignore_index=True))
     if not summary.empty:
-        lines.append("phase change" + (" (mean ± sd across runs)" if len(done) > 1 else "") + ":")
+        lines.append("phase change" + (" (median [95 % bootstrap interval] across runs)" if len(done) > 1 else "") + ":")
         lines += ["  " + s for s in format_summary(summary).splitlines()]
+    for r in done if phase_cfg is not None else []:
+        lines += ["warning: " + w for w in noise_warnings(r, phase_cfg)]
     kinds = [e.get("kind", "checkpoint") for r in results for e in r.errors]
     if kinds.count("checkpoint"):
         lines.append(f"{kinds.count('checkpoint')} checkpoint(s) could not be read: see errors.json")
