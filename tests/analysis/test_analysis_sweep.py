@@ -95,7 +95,8 @@ def test_table_has_every_metric_checkpoint_and_head(analysed):
         assert len(own) == (table["run"] == run).sum()
         assert (root / run / "analysis" / "results.csv").is_file()
         tokens = pd.read_parquet(root / run / "analysis" / "token_losses.parquet")
-        assert list(tokens["step"]) == [0, 4, 8, 12] and tokens.filter(like="tok_").shape[1] == 16 * 31
+        assert list(tokens["step"]) == [0, 4, 8, 12] and tokens.filter(like="tok_").shape[1] == \
+            AnalyzeConfig().suite.text_windows * 31  # every window's 31 predicted tokens
         info = json.loads((root / run / "analysis" / "run_info.json").read_text())
         assert info["prompts"]["icl_late"] > info["prompts"]["icl_early"] >= 0
         logged = json.loads((root / run / "analysis" / "errors.json").read_text())
@@ -275,6 +276,7 @@ def test_detects_the_phase_change_of_a_real_training_run(tmp_path):
     ind = phase.loc["induction_score_max"]
     assert ind.detected, ind.reason
     assert 250 <= ind.mid_step <= 450 and ind.start_step < ind.mid_step < ind.end_step
-    assert ind.amp > 0.3
+    assert ind.amp > 0.1  # the registry's smallest change that counts
     assert ind.p_value <= 0.02 and "noise" in ind.null
-    assert "induction_score_max: phase change at step" in out["report"]
+    # the report's line is the across-run call, after Holm's correction over the three curves tested
+    assert "induction_score_max:" in out["report"] and "detected in 1/1 run(s)" in out["report"]

@@ -11,12 +11,12 @@ analysis tables:
   window (mean of the 3 checkpoints from the first one above 0.3, minus the 3 up to the last
   one below 0.05) by >= 0.1 nats more than the control's over the same checkpoints, and by
   more than 3x the checkpoint-to-checkpoint jitter of the ICL curve;
-- the text loss has a bump or plateau inside the detected window.
+- the text loss's rise inside the detected window is judged against the loss's own jitter.
 
-Measured (docs/phase_change.md, 2 cores, the README's analysis with all metrics): seeds 0, 1, 2
-beat the control by 0.26, 0.24 and 0.19 nats with a jitter of ~0.03; the loss rise inside the
-window (0.012-0.029 nats) is what the detector calls a bump, though the control's loss rises
-as much over the same checkpoints.
+Measured (docs/phase_change.md, 2 cores, the README's analysis with all metrics, the logistic-fit
+detector that came before the calibrated one): seeds 0, 1, 2 beat the control by 0.26, 0.24 and
+0.19 nats with a jitter of ~0.03; the loss rises inside the window by 0.012-0.029 nats, and the
+control's as much over the same checkpoints, so no bump is asserted.
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ def test_icl_on_held_out_text_falls_across_the_window_beyond_the_control_and_the
         f"ICL change {change:+.3f} vs the control's {control:+.3f} (jitter {jitter:.3f}; steps {before} -> {after})"
 
 
-def test_the_loss_has_a_bump_or_plateau_inside_the_window(runs):
+def test_the_loss_rise_in_the_window_is_judged_against_its_jitter(runs):
     (_, phase) = runs
     row = phase.loc["induction_score_max"]
-    assert bool(row["loss_bump_in_window"]), f"no loss bump inside the window: {row.to_dict()}"
+    assert row["loss_bump"] >= 0 and row["loss_noise"] > 0, row.to_dict()
+    assert bool(row["loss_bump_in_window"]) == bool(row["loss_bump"] > 2.0 * row["loss_noise"])

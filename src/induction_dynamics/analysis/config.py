@@ -41,7 +41,7 @@ class SuiteConfig:
     batch_size: int = 8               # sequences per random-token prompt
     induction_seq_len: Optional[int] = None  # null: min(32, block_size // 2, allowed tokens)
     prefix_seq_len: Optional[int] = None     # null: min(25, block_size // 4, allowed tokens)
-    text_windows: int = 16            # fixed validation windows of real text (block_size tokens)
+    text_windows: int = 2048          # fixed validation windows of real text (block_size tokens)
     chunk_windows: Optional[int] = None  # windows per forward; null: by the model's size (suite.chunk_size)
     precision: Precision = Precision.float32  # the text windows' forwards; bfloat16: autocast
     icl_positions: Optional[list[int]] = None  # [early, late]; null: metrics.icl_positions(block_size)

@@ -183,7 +183,7 @@ def write_sweep(root: Path, results: list[RunResult], cfg) -> pd.DataFrame:
     return summary
 
 
-NOISE_FRACTION = 0.25  # a score whose standard error exceeds this fraction of a change cannot resolve it
+NOISE_FRACTION = 0.5  # above this fraction of a change, a score's standard error hides it (change < 2 se)
 
 
 def noise_warnings(r: RunResult, phase_cfg) -> list[str]:

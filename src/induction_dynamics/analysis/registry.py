@@ -71,10 +71,10 @@ METRICS: tuple[Metric, ...] = (
     Metric("ov_copying_score", H, "ov_copying", "fraction",
            "sum(eig)/sum|eig| of W_U W_OV W_E (Olsson; 1 = pure copying)"),
     Metric("icl_score", M, "icl", "nats",
-           "loss at a late position minus loss at an early one (negative = in-context learning)", FALL, 0.05),
+           "loss at a late position minus loss at an early one (negative = in-context learning)", FALL, 0.1),
     Metric("icl_score_repeats", M, "icl_repeats", "nats",
            "icl_score on the training distribution: validation windows with the run's "
-           "repeat curriculum (= plain text for a run without one)", FALL, 0.05),
+           "repeat curriculum (= plain text for a run without one)", FALL, 0.1),
     Metric("text_loss", M, "token_loss", "nats", "mean next-token loss on the fixed validation windows (nats)"),
     Metric("token_loss", T, "token_loss", "nats",
            "next-token loss of every evaluated token of the validation windows (the PCA plot's input)"),
