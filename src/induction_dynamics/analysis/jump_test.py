@@ -7,12 +7,12 @@ p-value from a parametric bootstrap of the no-jump model, and the fitted jump.
 Models, in x = log(1 + step) rescaled to [0, 1] (the history is log-spaced early and linear late,
 so a narrow window in log-steps is narrow wherever it lies):
 
-    H0  y = a + b u + c x + d g(t) + noise
-                                      u the step and x the log-step rescaled to [0, 1], g a
-                                      saturating exponential 1 - exp(-k t) or an accelerating
-                                      exp(k (t - 1)), t = u or x, k on ``RATES``: smooth curves
-                                      (monotone or nearly so). A rise that starts at the first
-                                      checkpoint and levels off is H0.
+    H0  y = a + b u + c x + d g + noise
+                                      u the step and x the log-step rescaled to [0, 1], g one of
+                                      ``_shapes``: 1 - exp(-k u), 1 - exp(-k x) or the power law
+                                      exp(k (x - 1)), k on ``RATES``: smooth curves (monotone or
+                                      nearly so). A rise that starts at the first checkpoint and
+                                      levels off is H0.
     H1  H0 + amp sigmoid((x - mid) / w)
                                       a logistic with at least ``MIN_BEFORE`` checkpoints before its
                                       midpoint (a plateau to rise from) and ``MIN_AFTER`` after it,
@@ -173,12 +173,11 @@ def _design(steps: tuple[float, ...]) -> _Design:
 
 @dataclass
 class Jump:
-    """The best H1 fit of one sign: y = H0 + amp sigmoid((x - mid_x) / w_x), x = log(1 + step)."""
+    """The best H1 fit of one sign: y = H0 + a sigmoid((x - mid_x) / w_x), x = log(1 + step)."""
 
     direction: str
     statistic: float     # 2 ln(L1 / L0), >= 0
     p_value: float
-    amp: float           # of the logistic, on top of the smooth curve
     mid_x: float
     w_x: float
     fitted: np.ndarray   # the H1 curve at the steps (smooth curve + logistic)
@@ -193,7 +192,6 @@ class JumpTest:
     n: int
     null_shape: str      # the H0 fit the simulations start from
     null_noise: str
-    noise_sd: float      # its noise scale s (the sd of a white model; of the walk's last point for a walk)
     rise: Jump
     fall: Jump
 
@@ -223,7 +221,7 @@ def jump_test(steps, y, *, n_sim: int = 500, seed: int = 0) -> JumpTest:
         x1 = d._x1(int(g1[0]))[0]
         beta, _ = d.fit(y, int(j1[0]), x1)
         _, mid, w = d.grid[int(g1[0])]
-        jumps[direction] = Jump(direction, max(0.0, float(2.0 * (ll1[0] - ll0[0]))), 1.0, float(beta[-1]),
+        jumps[direction] = Jump(direction, max(0.0, float(2.0 * (ll1[0] - ll0[0]))), 1.0,
                                 d.x0 + mid * d.span, w * d.span, x1 @ beta)
     rng = np.random.default_rng(seed)
     chol = np.linalg.cholesky(d.noise[j0][1])
@@ -240,4 +238,4 @@ def jump_test(steps, y, *, n_sim: int = 500, seed: int = 0) -> JumpTest:
     for k, j in jumps.items():
         if done[k]:
             j.p_value = (1 + exceed[k]) / (1 + done[k])
-    return JumpTest(d.n, d.shape_names[g0], d.noise[j0][0], sd, jumps["rise"], jumps["fall"])
+    return JumpTest(d.n, d.shape_names[g0], d.noise[j0][0], jumps["rise"], jumps["fall"])

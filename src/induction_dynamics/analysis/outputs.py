@@ -21,12 +21,12 @@ from induction_dynamics import run_dir as layout
 from induction_dynamics.analysis import llc_traces
 from induction_dynamics.analysis.attention import load_history
 from induction_dynamics.analysis.phase import (
+    default_min_change,
     detect_phase_change,
     format_summary,
     holm,
     loss_bump,
     noise_level,
-    default_min_change,
     summarize_across_seeds,
 )
 from induction_dynamics.analysis.plots import make_plots

@@ -86,19 +86,22 @@ def noise_level(y: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(d - np.median(d))) / math.sqrt(2.0))
 
 
+def _declared(metric: str) -> registry.Metric | None:
+    try:
+        return registry.of(metric)
+    except KeyError:  # a curve the registry does not know: no direction, no smallest change
+        return None
+
+
 def expected_direction(metric: str) -> str:
     """The registry's expected direction of a curve ("rise", "fall" or "none"; "none" when unknown)."""
-    try:
-        return str(registry.of(metric).direction)
-    except KeyError:
-        return "none"
+    m = _declared(metric)
+    return str(m.direction) if m is not None else "none"
 
 
 def default_min_change(metric: str) -> float:
-    try:
-        return float(registry.of(metric).min_change)
-    except KeyError:
-        return 0.0
+    m = _declared(metric)
+    return float(m.min_change) if m is not None else 0.0
 
 
 def detect_phase_change(steps, values, metric: str = "", *, direction: str | None = None,
