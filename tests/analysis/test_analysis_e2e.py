@@ -49,7 +49,7 @@ def test_train_then_analyse_the_sweep(trained_sweep):
     tmp, sweep, runs = trained_sweep
     proc = run_entry(f"run_dir={sweep}", cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "phase change (mean ± sd across runs):" in proc.stdout
+    assert "phase change (median [95 % bootstrap interval] across runs):" in proc.stdout
     assert "induction_score_max" in proc.stdout and "icl_score" in proc.stdout
 
     table = pd.read_parquet(sweep / "analysis" / "results.parquet")
