@@ -55,24 +55,40 @@ def computes(suite_id: str):
 class TextPass:
     """A set of text windows streamed through the model in chunks, every metric that reads them
     accumulated as it goes (``estimate.Moments``): memory holds one chunk's activations and
-    logits, never the whole set's. Per window (the sampling unit): its mean loss, its loss at
-    the late minus the early ICL position, and, with ``patterns``, each head's previous-token
-    score, reduced from the attention pattern inside the forward so no pattern outlives its
-    layer. With ``keep_losses`` every window's per-token losses are kept (the PCA plot's input,
-    W x (T-1) numbers)."""
+    logits, never the whole set's. Per window (the sampling unit): its loss at the late minus
+    the early ICL position, with ``every_loss`` its mean loss, and, with ``patterns``, each head's
+    previous-token score, reduced from the attention pattern inside the forward so no pattern
+    outlives its layer. With ``keep_losses`` every window's per-token losses are kept (the PCA
+    plot's input, W x (T-1) numbers). Without ``every_loss`` or ``keep_losses`` the unembedding
+    runs for the two ICL positions alone (a hook on ``hook_ln_final`` keeps those): it is
+    2 C vocab of the forward's ~2 (12 n_layer C^2 + C vocab) FLOPs per token, a third at GPT-2
+    small, and its (b, T, vocab) logits the chunk's largest tensor.
+
+    Cost per pass: W windows of T tokens, about 2 W T (12 n_layer C^2 + 2 n_layer T C + C vocab)
+    FLOPs (``chunk_size`` windows per forward); memory: one chunk's logits (chunk x T x vocab
+    floats, and as many for the cross-entropy's log-softmax) and one layer's attention pattern
+    (chunk x n_head x T x T with ``patterns``), whatever W is.
+    """
 
     def __init__(self, model, windows: torch.Tensor, chunk: int, icl: tuple[int, int], *,
-                 patterns: bool = False, keep_losses: bool = False, precision: str = "float32"):
+                 patterns: bool = False, every_loss: bool = True, keep_losses: bool = False,
+                 precision: str = "float32"):
         self.loss, self.icl, self.previous_token = Moments(), Moments(), Moments()
         self.token_losses = None
         early, late = icl
+        every_loss = every_loss or keep_losses
         kept = []
         scores: dict[int, torch.Tensor] = {}
 
         def previous_token(pattern, hook):  # (b, nh, T, T) -> (b, nh): mean of A[i, i-1]
             scores[layer_of(hook.name)] = pattern.diagonal(offset=-1, dim1=-2, dim2=-1).float().mean(-1)
 
+        def icl_only(x, hook):  # (b, T, C) -> (b, 2, C): what the unembedding reads, at the ICL positions
+            return x[:, [early, late]]
+
         hooks = [("attn.hook_pattern", previous_token)] if patterns else []
+        if not every_loss:
+            hooks.append(("transformer.hook_ln_final", icl_only))
         autocast = (torch.autocast(windows.device.type, dtype=torch.bfloat16) if precision == "bfloat16"
                     else contextlib.nullcontext())
         with HookManager(model).hooks(hooks):
@@ -80,10 +96,14 @@ class TextPass:
                 scores.clear()
                 with autocast:
                     logits, _ = model(chunk_windows)
-                losses = M.per_token_losses(model, chunk_windows, logits.float())  # (b, T-1)
+                if every_loss:
+                    losses = M.per_token_losses(model, chunk_windows, logits.float())  # (b, T-1)
+                    self.loss.add(losses.mean(1))
+                    self.icl.add(losses[:, late] - losses[:, early])
+                else:
+                    at = M.per_token_losses(model, chunk_windows, logits.float(), positions=[early, late])  # (b, 2)
+                    self.icl.add(at[:, 1] - at[:, 0])
                 del logits
-                self.loss.add(losses.mean(1))
-                self.icl.add(losses[:, late] - losses[:, early])
                 if patterns:
                     self.previous_token.add(torch.stack([scores[l] for l in sorted(scores)], 1))  # (b, L, nh)
                 if keep_losses:
@@ -124,12 +144,14 @@ class Context:
     @cached_property
     def text(self) -> TextPass:
         """``prompts.text`` once, for every metric that reads it (previous-token, ICL, token losses)."""
-        return self._pass(self.prompts.text, patterns="previous_token" in self.metrics,
-                          keep_losses="token_loss" in self.metrics)
+        losses = "token_loss" in self.metrics
+        return self._pass(self.prompts.text, patterns="previous_token" in self.metrics, every_loss=losses,
+                          keep_losses=losses)
 
     @cached_property
     def text_repeats(self) -> TextPass:
-        return self._pass(self.prompts.text_repeats)
+        """``prompts.text_repeats``, for the ICL score alone: unembedded at its two positions."""
+        return self._pass(self.prompts.text_repeats, every_loss=False)
 
 
 def per_prompt(values: torch.Tensor) -> Estimate:

@@ -283,7 +283,8 @@ def copying_scores(model, tokens: torch.Tensor, per_prompt: bool = False) -> tor
 # Loss-based measures: in-context learning score and per-token losses
 # ---------------------------------------------------------------------------------------
 
-def per_token_losses(model, tokens: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+def per_token_losses(model, tokens: torch.Tensor, logits: torch.Tensor | None = None,
+                     positions: list[int] | None = None) -> torch.Tensor:
     """(B, T-1) per-token loss; entry t is the loss of predicting tokens[:, t+1] from tokens[:, :t+1].
 
     Olsson et al. (2022) compare these vectors across checkpoints (PCA of per-token losses
@@ -291,7 +292,15 @@ def per_token_losses(model, tokens: torch.Tensor, logits: torch.Tensor | None = 
     ``logits``: the model's (B, T, vocab) logits on ``tokens`` when a forward already made
     them (then the model is not run again, and the loss keeps their gradient: the LLC's SGLD
     steps differentiate it); without them the forward runs without gradients, as every score here.
+    ``positions``: entries t of the loss vector only, (B, len(positions)), from ``logits``
+    (B, len(positions), vocab) made at those positions alone (a forward that unembeds a few
+    positions: T / len(positions) times less of the unembedding's vocab x C work per token).
     """
+    if positions is not None:
+        if logits is None:
+            raise ValueError("positions= needs the logits made at those positions")
+        targets = tokens[:, [t + 1 for t in positions]]
+        return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     if logits is None:
         with torch.no_grad():
             logits, _ = model(tokens)
