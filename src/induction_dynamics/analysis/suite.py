@@ -232,13 +232,23 @@ def _baselines(run) -> Values:
 @computes("patching")
 def _patching(c: Context) -> Values:
     """resid, attn_out, mlp_out (MLP models) and heads, from one setup forward (``patch_suite``),
-    and the clean and corrupted baselines they are normalised with."""
+    and the clean and corrupted baselines they are normalised with. The heads: those of
+    ``prompts.patching_heads`` (``suite.patching_heads``; its cost model: ``patch_suite``), rows
+    for those alone; each is what patching every head gives for it."""
     p = c.prompts.patching
-    effects, parts, run = ap.patch_suite(c.model, p.clean, p.corrupted, p.answer, p.corrupted_answer, with_run=True)
+    heads = c.prompts.patched_heads()
+    effects, parts, run = ap.patch_suite(c.model, p.clean, p.corrupted, p.answer, p.corrupted_answer, with_run=True,
+                                         heads=heads)
     names = {"resid": "patch_resid", "attn_out": "patch_attn_out", "mlp_out": "patch_mlp_out", "heads": "patch_head"}
     out = _baselines(run)
     for part, where in parts.items():
         e = _normalised(run.patched_rows[where], run)
+        if part == "heads" and heads is not None:  # (n_heads patched,) into the (n_layer, n_head) grid
+            index = tuple(torch.tensor(heads).T)
+            grid = [torch.full(effects["heads"].shape, math.nan, dtype=t.dtype) for t in (e.value, e.stderr)]
+            grid[0][index], grid[1][index] = e.value, e.stderr
+            out[names[part]] = SomeHeads(Estimate(*grid), heads)
+            continue
         shape = effects[part].shape
         out[names[part]] = Estimate(e.value.reshape(shape), e.stderr.reshape(shape))
     if run.undefined:
@@ -285,9 +295,20 @@ def _llc(c: Context) -> Values:
 
 # --------------------------------------------------------------------------- values -> rows
 
+@dataclass
+class SomeHeads:
+    """A head-level value computed for some heads only: rows for those (layer, head) alone."""
+
+    value: Estimate | torch.Tensor   # (n_layer, n_head); the other heads' entries are never read
+    heads: list[tuple[int, int]]
+
+
 def rows_of(metric: registry.Metric, value) -> list[tuple]:
     """The tidy rows (metric, layer, head, value, stderr) of one computed value, laid out by its
     level; an ``Estimate`` brings its standard error, a bare value has none (NaN)."""
+    if isinstance(value, SomeHeads):
+        kept = set(value.heads)
+        return [r for r in rows_of(metric, value.value) if (r[1], r[2]) in kept]
     if isinstance(value, Estimate):
         value, stderr = value.value, value.stderr
     else:
