@@ -12,6 +12,12 @@ Adding a metric is one such function plus its ``registry.Metric`` entries (``doc
 The text windows are streamed through the model once however many metrics read them
 (``Context.text``, a ``TextPass``): the previous-token scores, the ICL score and the per-token
 losses accumulate chunk by chunk, so memory does not grow with the number of windows.
+
+What each computation costs (FLOPs and memory as formulas in the model's shape and the suite's
+settings): docs/scaling.md, "Analysis cost per checkpoint", and the docstrings of ``TextPass``,
+``activation_patching.patch_suite`` (per-head patching, the one cost that grows with
+n_layer x n_head x positions, hence ``suite.patching_heads``) and ``attribution_patch_heads``,
+``metrics.copying_scores`` and ``composition._kind_scores``.
 """
 
 from __future__ import annotations
@@ -114,11 +120,17 @@ class TextPass:
 
 def chunk_size(requested: int | None, n_windows: int, T: int, vocab: int, n_head: int) -> int:
     """Windows per forward: ``requested``, else as many as keep one chunk's logits (T x vocab per
-    window) and one layer's attention pattern (n_head x T x T) under 2^25 floats each (128 MiB):
-    GPT-2 small at block 256 gets 2 windows a chunk, the quickstart model all of them."""
+    window) and one layer's attention pattern (n_head x T x T) under 2^24 floats each (64 MiB):
+    GPT-2 small at block 256 gets 1 window a chunk, the baby model (6 heads, block 256) 42, the
+    quickstart model (block 64) 256. A forward holds several tensors of those sizes at once (the
+    scores, their softmax and the pattern; the logits and their log-softmax): the baby model's
+    text pass peaks ~9 MB a window of the chunk above the weights, so the budget is what keeps
+    the peak the same from 64 windows to thousands (at 2^25 the baby model's chunk grew from 64
+    to 85 windows between 64 and 512 windows, and its peak by 28%). On a GPU with memory to
+    spare, ``suite.chunk_windows`` sets larger chunks."""
     if requested:
         return max(1, int(requested))
-    budget = 1 << 25
+    budget = 1 << 24
     return max(1, min(n_windows, budget // (T * vocab), budget // (n_head * T * T)))
 
 
