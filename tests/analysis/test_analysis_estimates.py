@@ -78,8 +78,10 @@ def test_streamed_windows_give_the_rows_of_one_pass():
         assert a[key][0] == pytest.approx(b[key][0], abs=1e-6), key
         assert a[key][1] == pytest.approx(b[key][1], abs=1e-6), key
     np.testing.assert_allclose(tokens_one, tokens_streamed, atol=1e-6)
-    assert chunk_size(None, 512, 256, 50304, 12) == 2  # GPT-2 small's logits: 2 windows a chunk
-    assert chunk_size(None, 512, 64, 1024, 4) == 512  # the quickstart model: all of them at once
+    assert chunk_size(None, 512, 256, 50304, 12) == 1  # GPT-2 small's logits: 1 window a chunk
+    assert chunk_size(None, 512, 256, 1024, 6) == chunk_size(None, 64, 256, 1024, 6) == 42  # the baby model's patterns
+    assert chunk_size(None, 512, 64, 1024, 4) == 256  # the quickstart model's logits
+    assert chunk_size(None, 16, 64, 1024, 4) == 16  # fewer windows than that: one chunk
     assert chunk_size(5, 512, 64, 1024, 4) == 5
 
 

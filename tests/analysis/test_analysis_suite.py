@@ -1,12 +1,16 @@
-"""The suite's prompts: the training-distribution text windows behind ``icl_score_repeats``."""
+"""The suite's prompts: the training-distribution text windows behind ``icl_score_repeats``, and
+the heads per-head patching patches (all, or some of each layer above a stated size)."""
 
 from __future__ import annotations
+
+import math
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from induction_dynamics.analysis.config import SuiteConfig
-from induction_dynamics.analysis.prompts import make_prompts
+from induction_dynamics.analysis.prompts import ALL_HEADS_UP_TO, HEADS_PER_LAYER_ABOVE, make_prompts
 from induction_dynamics.analysis.suite import run_suite
 from induction_dynamics.data import load_data
 from induction_dynamics.interpretability import metrics as M
@@ -95,3 +99,54 @@ def test_the_text_metrics_share_one_forward_and_equal_their_own_functions(metric
         prev = M.previous_token_scores(model, p.text)
         assert {k: v for k, v in values.items() if k[0] == "previous_token_score"} == pytest.approx(
             {("previous_token_score", l, h): prev[l, h].item() for l in range(2) for h in range(2)}, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- per-head patching on some heads
+
+def patching_prompts(patching_heads, shape, seed=5):
+    data = load_data("synthetic", synthetic_vocab_size=shape["vocab_size"], synthetic_tokens=5_000, seed=0)
+    return make_prompts(SuiteConfig(text_windows=4, patching_heads=patching_heads), vocab_size=shape["vocab_size"],
+                        block_size=shape["block_size"], token_counts=None, val_tokens=data.val, seed=seed,
+                        n_layer=shape["n_layer"], n_head=shape["n_head"])
+
+
+def test_patching_some_heads_gives_those_heads_rows_of_patching_every_head(trained):
+    shape = asdict(trained.model.config)
+    full_prompts, some_prompts = patching_prompts(None, shape), patching_prompts(2, shape)
+    assert full_prompts.patching_heads is None  # 2 x 4 heads: every head by default
+    assert some_prompts.info()["patching_heads"] == some_prompts.patching_heads.tolist()  # run_info records it
+    full = {(m, l, h): (v, e) for m, l, h, v, e in run_suite(trained.model, full_prompts, ["patching"])[0]}
+    some = {(m, l, h): (v, e) for m, l, h, v, e in run_suite(trained.model, some_prompts, ["patching"])[0]}
+    patched = {(l, h) for m, l, h in some if m == "patch_head"}
+    assert patched == set(some_prompts.patched_heads())
+    assert sorted(l for l, _ in patched) == [0, 0, 1, 1]  # two heads of each layer
+    assert set(some) < set(full)
+    assert {k for k in full if k[0] != "patch_head"} <= set(some)  # every other patching row is kept
+    heads = [k for k in some if k[0] == "patch_head"]
+    assert all(math.isfinite(some[k][0]) and math.isfinite(some[k][1]) for k in heads)  # a defined gap: numbers
+    for key in some:
+        # the same patches in a smaller stacked batch: equal up to the float32 rounding of batch size
+        assert some[key] == pytest.approx(full[key], rel=1e-5, abs=1e-6, nan_ok=True), key
+
+
+def test_the_default_patches_some_heads_of_a_model_above_the_stated_size():
+    from induction_dynamics.analysis import analyze_checkpoint
+
+    assert 8 * 8 <= ALL_HEADS_UP_TO < 9 * 8
+    val = torch.randint(26, (4_000,), generator=torch.Generator().manual_seed(0))
+    n_heads = {}
+    for n_layer in (8, 9):  # 64 heads: every one; 72: HEADS_PER_LAYER_ABOVE a layer
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(n_layer=n_layer, n_head=8, n_embd=32, block_size=T, vocab_size=26, dropout=0.0))
+        rows = analyze_checkpoint(model, overrides=("suite.metrics=[patching,attribution_patching]",), val_tokens=val)
+        n_heads[n_layer] = {m: int((rows["metric"] == m).sum()) for m in ("patch_head", "attribution_patch_head")}
+    assert n_heads[8] == {"patch_head": 64, "attribution_patch_head": 64}
+    assert n_heads[9] == {"patch_head": 9 * HEADS_PER_LAYER_ABOVE, "attribution_patch_head": 72}
+
+
+def test_patching_heads_is_checked():
+    shape = dict(n_layer=2, n_head=4, vocab_size=26, block_size=T)
+    with pytest.raises(ValueError, match="suite.patching_heads must be a number of heads per layer >= 1"):
+        patching_prompts(0, shape)
+    assert patching_prompts(4, shape).patching_heads is None  # all 4 heads of each layer
+    assert torch.equal(patching_prompts(1, shape).patching_heads, patching_prompts(1, shape).patching_heads)

@@ -46,6 +46,7 @@ class SuiteConfig:
     precision: Precision = Precision.float32  # the text windows' forwards; bfloat16: autocast
     icl_positions: Optional[list[int]] = None  # [early, late]; null: metrics.icl_positions(block_size)
     patching_batch: int = 8
+    patching_heads: Optional[int] = None  # heads per layer patched one by one; null: all up to 64 in the model, else 4
     llc: LLCConfig = field(default_factory=LLCConfig)  # used when "llc" is in metrics
 
 

@@ -14,7 +14,10 @@ identical prompts (comparable across the seeds of a sweep):
   written in exactly as the trainer's sampler writes it (``config["data"]["repeat_*"]``;
   plain text when the run had none): the ICL score on the *training distribution*, which
   is where Olsson et al. measure it (held-out data like the training data).
-- ``patching``: ``induction_patching_data`` pairs (clean / one token corrupted).
+- ``patching``: ``induction_patching_data`` pairs (clean / one token corrupted), and
+  ``patching_heads``: the heads patched one by one (``suite.patching_heads`` per layer, drawn
+  here; every head of a model of at most ``ALL_HEADS_UP_TO`` heads by default, else
+  ``HEADS_PER_LAYER_ABOVE`` a layer: per-head patching's cost grows with n_layer x n_head).
 - ``llc`` (only when the ``llc`` metric is on): ``suite.llc.windows`` more validation windows
   with the run's repeat curriculum, the SGLD data of the local learning coefficient; its
   settings (``suite.llc``, n_beta resolved) are in ``info()``, hence in run_info.json, the
@@ -46,7 +49,13 @@ from induction_dynamics.run_dir import read_config as read_run_config
 from induction_dynamics.training.config import upgrade_saved_config
 
 # separate generator seeds per prompt kind: adding a metric never changes another's prompt
-_PROMPT_OFFSETS = {"induction": 0, "prefix": 1, "text": 2, "patching": 3, "text_repeats": 4, "llc": 5}
+_PROMPT_OFFSETS = {"induction": 0, "prefix": 1, "text": 2, "patching": 3, "text_repeats": 4, "llc": 5,
+                   "patching_heads": 6}
+# suite.patching_heads=null: every head patched one by one up to this many heads in the model
+# (n_layer x n_head; the baby model's 36 among them), else this many per layer (GPT-2 small: 48
+# of its 144 heads, half of the patching metric's forwards; activation_patching.patch_suite)
+ALL_HEADS_UP_TO = 64
+HEADS_PER_LAYER_ABOVE = 4
 
 
 @dataclass
@@ -66,6 +75,13 @@ class Prompts:
     repeats: dict                  # the curriculum written into text_repeats (frac 0: none)
     llc_windows: torch.Tensor | None = None  # (N, block_size) SGLD data, as text_repeats; None: no llc
     llc: dict | None = None        # estimate_llc's keyword arguments (n_beta resolved, seed fixed)
+    patching_heads: torch.Tensor | None = None  # (n_layer, k) heads patched one by one per layer; None: all
+
+    def patched_heads(self) -> list[tuple[int, int]] | None:
+        """The (layer, head) pairs per-head patching patches; None: every head."""
+        if self.patching_heads is None:
+            return None
+        return [(l, h) for l, row in enumerate(self.patching_heads.tolist()) for h in row]
 
     def info(self) -> dict:
         """JSON-able description for run_info.json and the W&B config."""
@@ -75,6 +91,7 @@ class Prompts:
                 "icl_early": self.icl_early, "icl_late": self.icl_late,
                 "patching_batch": self.patching.clean.shape[0],
                 "patching_len": self.patching.clean.shape[1], "text_repeats": self.repeats,
+                "patching_heads": "all" if self.patching_heads is None else self.patching_heads.tolist(),
                 **({"llc": {**self.llc, "windows": self.llc_windows.shape[0]}} if self.llc else {})}
 
     def sha256(self) -> str:
@@ -104,15 +121,19 @@ class Prompts:
                        self.icl_late, ap.PatchingData(p.clean.to(device), p.corrupted.to(device),
                                                       p.answer.to(device), p.corrupted_answer.to(device)),
                        self.text_repeats.to(device), self.repeats,
-                       None if self.llc_windows is None else self.llc_windows.to(device), self.llc)
+                       None if self.llc_windows is None else self.llc_windows.to(device), self.llc,
+                       self.patching_heads)
 
 
 def make_prompts(suite, *, vocab_size: int, block_size: int, token_counts, val_tokens: torch.Tensor,
-                 seed: int, data_config: dict | None = None) -> Prompts:
+                 seed: int, data_config: dict | None = None, n_layer: int | None = None,
+                 n_head: int | None = None) -> Prompts:
     """Draw every prompt of a run from ``seed`` (see the module docstring for what each is).
 
     ``data_config``: the run's training ``config["data"]``; its ``repeat_*`` keys give the
     curriculum of the ``text_repeats`` windows (none when absent or ``repeat_frac`` is 0).
+    ``n_layer``, ``n_head``: the model's, for the heads per-head patching patches
+    (``suite.patching_heads``); without them every head is patched.
     """
     counts = None if token_counts is None else torch.as_tensor(token_counts)
     allowed = M.repeat_token_ids(vocab_size, counts)
@@ -153,8 +174,27 @@ def make_prompts(suite, *, vocab_size: int, block_size: int, token_counts, val_t
                "n_beta": c.n_beta if c.n_beta is not None else default_n_beta(len(llc_windows) * (T - 1)),
                "num_chains": c.num_chains, "num_draws": c.num_draws, "num_burnin_steps": c.num_burnin_steps,
                "batch_size": c.batch_size, "seed": int(seed)}
+    heads = patching_heads(suite.patching_heads, n_layer, n_head, gen("patching_heads"))
     return Prompts(allowed, induction, L, prefix, P, text, int(early), int(late), patching, text_repeats, repeats,
-                   llc_windows, llc)
+                   llc_windows, llc, heads)
+
+
+def patching_heads(requested: int | None, n_layer: int | None, n_head: int | None,
+                   generator: torch.Generator) -> torch.Tensor | None:
+    """(n_layer, k) sorted head ids per layer, k = ``requested`` (``suite.patching_heads``) or, when
+    None, ``HEADS_PER_LAYER_ABOVE`` for a model of more than ``ALL_HEADS_UP_TO`` heads; None when
+    that is every head (k >= n_head, or the model's shape is not given and none was requested)."""
+    if requested is not None and int(requested) < 1:
+        raise ValueError(f"suite.patching_heads must be a number of heads per layer >= 1 (or null), got {requested}")
+    if n_layer is None or n_head is None:
+        if requested is not None:
+            raise ValueError("suite.patching_heads needs the model's n_layer and n_head to draw the heads")
+        return None
+    k = int(requested) if requested is not None else (HEADS_PER_LAYER_ABOVE if n_layer * n_head > ALL_HEADS_UP_TO
+                                                      else n_head)
+    if k >= n_head:
+        return None
+    return torch.stack([torch.randperm(n_head, generator=generator)[:k].sort().values for _ in range(n_layer)])
 
 
 def _repeat_windows(data_config: dict, val_tokens: torch.Tensor, T: int, n: int, allowed: torch.Tensor,
@@ -221,4 +261,4 @@ def prompts_for(ckpt: dict, train_config: dict, cfg, val_tokens: torch.Tensor | 
         val_tokens, counts = data.val, data.counts if counts is None else counts
     return make_prompts(cfg.suite, vocab_size=args["vocab_size"], block_size=args["block_size"],
                         token_counts=counts, val_tokens=val_tokens, seed=cfg.seed,
-                        data_config=train_config.get("data"))
+                        data_config=train_config.get("data"), n_layer=args.get("n_layer"), n_head=args.get("n_head"))

@@ -12,6 +12,12 @@ Adding a metric is one such function plus its ``registry.Metric`` entries (``doc
 The text windows are streamed through the model once however many metrics read them
 (``Context.text``, a ``TextPass``): the previous-token scores, the ICL score and the per-token
 losses accumulate chunk by chunk, so memory does not grow with the number of windows.
+
+What each computation costs (FLOPs and memory as formulas in the model's shape and the suite's
+settings): docs/scaling.md, "Analysis cost per checkpoint", and the docstrings of ``TextPass``,
+``activation_patching.patch_suite`` (per-head patching, the one cost that grows with
+n_layer x n_head x positions, hence ``suite.patching_heads``) and ``attribution_patch_heads``,
+``metrics.copying_scores`` and ``composition._kind_scores``.
 """
 
 from __future__ import annotations
@@ -55,24 +61,40 @@ def computes(suite_id: str):
 class TextPass:
     """A set of text windows streamed through the model in chunks, every metric that reads them
     accumulated as it goes (``estimate.Moments``): memory holds one chunk's activations and
-    logits, never the whole set's. Per window (the sampling unit): its mean loss, its loss at
-    the late minus the early ICL position, and, with ``patterns``, each head's previous-token
-    score, reduced from the attention pattern inside the forward so no pattern outlives its
-    layer. With ``keep_losses`` every window's per-token losses are kept (the PCA plot's input,
-    W x (T-1) numbers)."""
+    logits, never the whole set's. Per window (the sampling unit): its loss at the late minus
+    the early ICL position, with ``every_loss`` its mean loss, and, with ``patterns``, each head's
+    previous-token score, reduced from the attention pattern inside the forward so no pattern
+    outlives its layer. With ``keep_losses`` every window's per-token losses are kept (the PCA
+    plot's input, W x (T-1) numbers). Without ``every_loss`` or ``keep_losses`` the unembedding
+    runs for the two ICL positions alone (a hook on ``hook_ln_final`` keeps those): it is
+    2 C vocab of the forward's ~2 (12 n_layer C^2 + C vocab) FLOPs per token, a third at GPT-2
+    small, and its (b, T, vocab) logits the chunk's largest tensor.
+
+    Cost per pass: W windows of T tokens, about 2 W T (12 n_layer C^2 + 2 n_layer T C + C vocab)
+    FLOPs (``chunk_size`` windows per forward); memory: one chunk's logits (chunk x T x vocab
+    floats, and as many for the cross-entropy's log-softmax) and one layer's attention pattern
+    (chunk x n_head x T x T with ``patterns``), whatever W is.
+    """
 
     def __init__(self, model, windows: torch.Tensor, chunk: int, icl: tuple[int, int], *,
-                 patterns: bool = False, keep_losses: bool = False, precision: str = "float32"):
+                 patterns: bool = False, every_loss: bool = True, keep_losses: bool = False,
+                 precision: str = "float32"):
         self.loss, self.icl, self.previous_token = Moments(), Moments(), Moments()
         self.token_losses = None
         early, late = icl
+        every_loss = every_loss or keep_losses
         kept = []
         scores: dict[int, torch.Tensor] = {}
 
         def previous_token(pattern, hook):  # (b, nh, T, T) -> (b, nh): mean of A[i, i-1]
             scores[layer_of(hook.name)] = pattern.diagonal(offset=-1, dim1=-2, dim2=-1).float().mean(-1)
 
+        def icl_only(x, hook):  # (b, T, C) -> (b, 2, C): what the unembedding reads, at the ICL positions
+            return x[:, [early, late]]
+
         hooks = [("attn.hook_pattern", previous_token)] if patterns else []
+        if not every_loss:
+            hooks.append(("transformer.hook_ln_final", icl_only))
         autocast = (torch.autocast(windows.device.type, dtype=torch.bfloat16) if precision == "bfloat16"
                     else contextlib.nullcontext())
         with HookManager(model).hooks(hooks):
@@ -80,10 +102,14 @@ class TextPass:
                 scores.clear()
                 with autocast:
                     logits, _ = model(chunk_windows)
-                losses = M.per_token_losses(model, chunk_windows, logits.float())  # (b, T-1)
+                if every_loss:
+                    losses = M.per_token_losses(model, chunk_windows, logits.float())  # (b, T-1)
+                    self.loss.add(losses.mean(1))
+                    self.icl.add(losses[:, late] - losses[:, early])
+                else:
+                    at = M.per_token_losses(model, chunk_windows, logits.float(), positions=[early, late])  # (b, 2)
+                    self.icl.add(at[:, 1] - at[:, 0])
                 del logits
-                self.loss.add(losses.mean(1))
-                self.icl.add(losses[:, late] - losses[:, early])
                 if patterns:
                     self.previous_token.add(torch.stack([scores[l] for l in sorted(scores)], 1))  # (b, L, nh)
                 if keep_losses:
@@ -94,11 +120,17 @@ class TextPass:
 
 def chunk_size(requested: int | None, n_windows: int, T: int, vocab: int, n_head: int) -> int:
     """Windows per forward: ``requested``, else as many as keep one chunk's logits (T x vocab per
-    window) and one layer's attention pattern (n_head x T x T) under 2^25 floats each (128 MiB):
-    GPT-2 small at block 256 gets 2 windows a chunk, the quickstart model all of them."""
+    window) and one layer's attention pattern (n_head x T x T) under 2^24 floats each (64 MiB):
+    GPT-2 small at block 256 gets 1 window a chunk, the baby model (6 heads, block 256) 42, the
+    quickstart model (block 64) 256. A forward holds several tensors of those sizes at once (the
+    scores, their softmax and the pattern; the logits and their log-softmax): the baby model's
+    text pass peaks ~9 MB a window of the chunk above the weights, so the budget is what keeps
+    the peak the same from 64 windows to thousands (at 2^25 the baby model's chunk grew from 64
+    to 85 windows between 64 and 512 windows, and its peak by 28%). On a GPU with memory to
+    spare, ``suite.chunk_windows`` sets larger chunks."""
     if requested:
         return max(1, int(requested))
-    budget = 1 << 25
+    budget = 1 << 24
     return max(1, min(n_windows, budget // (T * vocab), budget // (n_head * T * T)))
 
 
@@ -124,12 +156,14 @@ class Context:
     @cached_property
     def text(self) -> TextPass:
         """``prompts.text`` once, for every metric that reads it (previous-token, ICL, token losses)."""
-        return self._pass(self.prompts.text, patterns="previous_token" in self.metrics,
-                          keep_losses="token_loss" in self.metrics)
+        losses = "token_loss" in self.metrics
+        return self._pass(self.prompts.text, patterns="previous_token" in self.metrics, every_loss=losses,
+                          keep_losses=losses)
 
     @cached_property
     def text_repeats(self) -> TextPass:
-        return self._pass(self.prompts.text_repeats)
+        """``prompts.text_repeats``, for the ICL score alone: unembedded at its two positions."""
+        return self._pass(self.prompts.text_repeats, every_loss=False)
 
 
 def per_prompt(values: torch.Tensor) -> Estimate:
@@ -210,13 +244,23 @@ def _baselines(run) -> Values:
 @computes("patching")
 def _patching(c: Context) -> Values:
     """resid, attn_out, mlp_out (MLP models) and heads, from one setup forward (``patch_suite``),
-    and the clean and corrupted baselines they are normalised with."""
+    and the clean and corrupted baselines they are normalised with. The heads: those of
+    ``prompts.patching_heads`` (``suite.patching_heads``; its cost model: ``patch_suite``), rows
+    for those alone; each is what patching every head gives for it."""
     p = c.prompts.patching
-    effects, parts, run = ap.patch_suite(c.model, p.clean, p.corrupted, p.answer, p.corrupted_answer, with_run=True)
+    heads = c.prompts.patched_heads()
+    effects, parts, run = ap.patch_suite(c.model, p.clean, p.corrupted, p.answer, p.corrupted_answer, with_run=True,
+                                         heads=heads)
     names = {"resid": "patch_resid", "attn_out": "patch_attn_out", "mlp_out": "patch_mlp_out", "heads": "patch_head"}
     out = _baselines(run)
     for part, where in parts.items():
         e = _normalised(run.patched_rows[where], run)
+        if part == "heads" and heads is not None:  # (n_heads patched,) into the (n_layer, n_head) grid
+            index = tuple(torch.tensor(heads).T)
+            grid = [torch.full(effects["heads"].shape, math.nan, dtype=t.dtype) for t in (e.value, e.stderr)]
+            grid[0][index], grid[1][index] = e.value, e.stderr
+            out[names[part]] = SomeHeads(Estimate(*grid), heads)
+            continue
         shape = effects[part].shape
         out[names[part]] = Estimate(e.value.reshape(shape), e.stderr.reshape(shape))
     if run.undefined:
@@ -263,9 +307,20 @@ def _llc(c: Context) -> Values:
 
 # --------------------------------------------------------------------------- values -> rows
 
+@dataclass
+class SomeHeads:
+    """A head-level value computed for some heads only: rows for those (layer, head) alone."""
+
+    value: Estimate | torch.Tensor   # (n_layer, n_head); the other heads' entries are never read
+    heads: list[tuple[int, int]]
+
+
 def rows_of(metric: registry.Metric, value) -> list[tuple]:
     """The tidy rows (metric, layer, head, value, stderr) of one computed value, laid out by its
     level; an ``Estimate`` brings its standard error, a bare value has none (NaN)."""
+    if isinstance(value, SomeHeads):
+        kept = set(value.heads)
+        return [r for r in rows_of(metric, value.value) if (r[1], r[2]) in kept]
     if isinstance(value, Estimate):
         value, stderr = value.value, value.stderr
     else:
