@@ -165,3 +165,24 @@ def test_bfloat16_text_forwards_move_the_text_scores_by_less_than_their_standard
     moved = (half.loc[rows.index, "value"] - rows["value"]).abs()
     assert (moved > 0).any()  # bfloat16 did run
     assert (moved < rows["stderr"]).all(), (moved / rows["stderr"]).max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_suite_on_a_gpu_gives_the_cpu_rows_and_bfloat16_stays_within_the_noise():
+    """device=cuda: the same rows as the CPU to float tolerance; bfloat16 autocast of the text
+    windows moves each text score by less than twice its standard error."""
+    metrics = SAMPLED + ["ov_copying"]
+    p = prompts(windows=256)
+    cpu = by_cell(run_suite(model(), p, metrics)[0])
+    gpu_model, gpu_prompts = model().cuda(), p.to("cuda")
+    gpu = by_cell(run_suite(gpu_model, gpu_prompts, metrics)[0])
+    assert cpu.keys() == gpu.keys()
+    for key, (value, stderr) in cpu.items():
+        if math.isnan(value):
+            assert math.isnan(gpu[key][0]), key
+            continue
+        assert gpu[key][0] == pytest.approx(value, rel=1e-3, abs=1e-4), key
+    half = by_cell(run_suite(gpu_model, gpu_prompts, TEXT, precision="bfloat16")[0])
+    for key, (value, stderr) in half.items():
+        if key in cpu and math.isfinite(cpu[key][1]) and cpu[key][1] > 0:
+            assert abs(value - cpu[key][0]) < 2 * cpu[key][1] + 1e-3, key

@@ -261,13 +261,10 @@ def patch_suite(model, clean, corrupted, answer=None, corrupted_answer=None, *, 
     (layer, head) pairs to patch (default: every head); the others' entries are NaN. ``with_run``:
     ``(that dict, {part: slice of the components}, the PatchRun)``, for every row's values.
 
-    Cost (B prompts of T tokens, p = the first position where clean and corrupted differ, k
-    heads patched in layer l, C = n_embd): one setup forward of 2B x T tokens, then per layer l
-    one stacked forward of (k + 3) B rows x (T - p) positions through blocks l..n_layer-1 (the
-    last for the last query only) and the unembedding of the last position: about
-    sum_l (k_l + 3) B (T - p) (n_layer - l) 24 C^2 FLOPs and (k_l + 3) B (T - p) C floats per
-    activation. The heads are the term that grows with n_layer x n_head: 80% of the rows at
-    GPT-2 small (12 x 12, 4.2 TFLOP for B = 8, T - p = 32).
+    Cost (B prompts, T - p positions from the first that differs, k_l heads in layer l): one
+    setup forward, then per layer one stacked forward of (k_l + 3) B rows through blocks l.. :
+    ~sum_l (k_l + 3) B (T - p) (n_layer - l) 24 n_embd^2 FLOPs. The heads are the term that grows
+    with n_layer x n_head (80% of the rows at GPT-2 small; docs/scaling.md).
     """
     L, H = _n_layer_head(model)
     heads = [(l, h) for l in range(L) for h in range(H)] if heads is None else [(int(l), int(h)) for l, h in heads]
@@ -306,12 +303,10 @@ def attribution_patch_heads(model, clean, corrupted, answer=None, corrupted_answ
     un-normalised estimate of each row's change, (B, n_layer, n_head), with the clean and
     corrupted rows' logit differences (B,) each: a tuple of three, for standard errors.
 
-    Cost: one forward and one backward of 2B x T tokens, ~3 x 2 x 2B T 12 n_layer C^2 FLOPs;
-    memory: the forward's activations for the backward and every head's z and its gradient,
-    2 x n_layer x 2B x T x C floats. The metric reads the last position's logits only, so the
-    unembedding runs for that position alone (2B x vocab logits, not 2B x T x vocab and their
-    gradient: 400 MB at GPT-2 small's vocabulary for 8 prompts of 63 tokens), unless a hook of
-    yours is on the model: it is owed the whole forward, as ``model(tokens)``.
+    Cost: one forward and backward of 2B x T tokens. The metric reads the last position's
+    logits only, so the unembedding runs there alone (not 2B x T x vocab logits and their
+    gradient: 400 MB at GPT-2 small), unless a hook of yours is on the model: it is owed the
+    whole forward, as ``model(tokens)``.
     """
     B = clean.shape[0]
     store: dict[str, torch.Tensor] = {}
