@@ -186,3 +186,10 @@ def test_the_suite_on_a_gpu_gives_the_cpu_rows_and_bfloat16_stays_within_the_noi
     for key, (value, stderr) in half.items():
         if key in cpu and math.isfinite(cpu[key][1]) and cpu[key][1] > 0:
             assert abs(value - cpu[key][0]) < 2 * cpu[key][1] + 1e-3, key
+    some = make_prompts(SuiteConfig(text_windows=16, patching_heads=1), vocab_size=26, block_size=T,
+                        token_counts=DATA.counts, val_tokens=DATA.val, seed=5, n_layer=2, n_head=2)
+    cpu_some = by_cell(run_suite(model(), some, ["patching"])[0])
+    gpu_some = by_cell(run_suite(gpu_model, some.to("cuda"), ["patching"])[0])  # some heads: the grid on the GPU
+    assert cpu_some.keys() == gpu_some.keys()
+    for key, (value, _) in cpu_some.items():
+        assert gpu_some[key][0] == pytest.approx(value, rel=1e-3, abs=1e-4, nan_ok=True), key

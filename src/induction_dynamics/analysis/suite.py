@@ -257,7 +257,8 @@ def _patching(c: Context) -> Values:
         e = _normalised(run.patched_rows[where], run)
         if part == "heads" and heads is not None:  # (n_heads patched,) into the (n_layer, n_head) grid
             index = tuple(torch.tensor(heads).T)
-            grid = [torch.full(effects["heads"].shape, math.nan, dtype=t.dtype) for t in (e.value, e.stderr)]
+            grid = [torch.full(effects["heads"].shape, math.nan, dtype=t.dtype, device=t.device)
+                    for t in (e.value, e.stderr)]
             grid[0][index], grid[1][index] = e.value, e.stderr
             out[names[part]] = SomeHeads(Estimate(*grid), heads)
             continue

@@ -283,7 +283,7 @@ def patch_suite(model, clean, corrupted, answer=None, corrupted_answer=None, *, 
         slices[name] = slice(start, start + len(comps))
         out[name] = run.effects[slices[name]]
         start += len(comps)
-    grid = torch.full((L, H), float("nan"), dtype=run.effects.dtype)
+    grid = torch.full((L, H), float("nan"), dtype=run.effects.dtype, device=run.effects.device)
     if heads:
         grid[tuple(torch.tensor(heads).T)] = out["heads"]
     out["heads"] = grid
