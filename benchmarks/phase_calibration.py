@@ -22,6 +22,12 @@ in the step, amplitude 4 or 6 sigma (sigma 0.03), midpoint ~ U(0.2, 0.8) of the 
 width 10 % or 20 % of the step range, white noise; found when detected with its midpoint inside
 the true 10-90 % window. Rates at the detector's threshold (``phase.ALPHA``) and at 0.05. Prints
 the table of docs/phase_change.md. Run it alone (~30 min at --n 40 on one core).
+
+Then the ceiling on that power (``--ceiling-only`` prints it alone, in ~20 s): the same likelihood
+ratio against the same smooth H0 and the same logistic grid, but told that the noise is white with
+a known sd, so it need not guard against walks or AR(1) noise; its threshold is the ``ALPHA``
+quantile of its statistic on simulated white-noise nulls (flat, and saturating at 50x the noise). No test that keeps
+the smooth curves of H0 as nulls can be expected to beat it on white-noise phase changes.
 """
 
 from __future__ import annotations
@@ -29,9 +35,11 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from statistics import NormalDist
 
 import numpy as np
 
+from induction_dynamics.analysis.jump_test import _design
 from induction_dynamics.analysis.phase import ALPHA, detect_phase_change
 from induction_dynamics.checkpoint import history_steps
 
@@ -73,11 +81,14 @@ def null_curve(rng, s: np.ndarray, family: str, sigma: float) -> np.ndarray:
     raise ValueError(family)
 
 
-def rise_curve(rng, s: np.ndarray, amp_over_sigma: float, width_frac: float, sigma: float = RISE_SIGMA):
+def rise_curve(rng, s: np.ndarray, amp_over_sigma: float, width_frac: float, sigma: float = RISE_SIGMA,
+               noisy: bool = True):
     """(curve, true 10 % step, true 90 % step)."""
     mid = rng.uniform(0.2, 0.8) * s[-1]
     w = width_frac * (s[-1] - s[0]) / (2 * math.log(9))
-    y = 0.1 + amp_over_sigma * sigma / (1 + np.exp(-(s - mid) / w)) + rng.normal(0.0, sigma, len(s))
+    y = 0.1 + amp_over_sigma * sigma / (1 + np.exp(-(s - mid) / w))
+    if noisy:
+        y = y + rng.normal(0.0, sigma, len(s))
     return y, mid - math.log(9) * w, mid + math.log(9) * w
 
 
@@ -111,14 +122,53 @@ def power(s, amp_over_sigma, width_frac, n, seed=0, level=ALPHA) -> float:
     return float(np.mean(rise_p_values(s, amp_over_sigma, width_frac, n, seed) <= level))
 
 
+def _known_white_statistic(d, y: np.ndarray) -> np.ndarray:
+    """RSS(H0) - RSS(H1, rise) of a batch (B, n) in units of the known noise variance, and each
+    curve's H1 midpoint step."""
+    b = y.shape[0]
+    zz = np.einsum("bn,bn->b", y, y)[:, None]
+    rss0 = (zz - np.sum((y @ d.q0[0].T).reshape(b, -1, d.p0) ** 2, axis=-1)).min(axis=1)
+    c1 = (y @ d.q1[0].T).reshape(b, -1, d.p0 + 1)
+    jump = c1[..., -1]
+    rss1 = zz - np.sum(c1[..., :-1] ** 2, axis=-1) - np.where(jump * d.r1[0] > 0, jump ** 2, 0.0)
+    g = rss1.argmin(axis=1)
+    mid_step = np.expm1(d.x0 + np.array([d.grid[i][1] for i in g]) * d.span)
+    return rss0 - rss1[np.arange(b), g], mid_step
+
+
+def ceiling_power(s, amp_over_sigma, width_frac, n, seed=0, level=ALPHA, n_null=4000) -> float:
+    """The power of the known-white-noise test (module docstring), midpoint inside the true window."""
+    d, rng = _design(tuple(s.tolist())), np.random.default_rng(seed)
+    crit = max(np.quantile(_known_white_statistic(d, np.stack(  # in units of the noise sd
+        [null_curve(rng, s, family, sigma) / sigma for _ in range(n_null)]))[0], 1.0 - level)
+        for family, sigma in (("flat", 1.0), ("saturating", 0.01)))
+    curves = [rise_curve(rng, s, amp_over_sigma, width_frac, sigma=1.0) for _ in range(n)]
+    stat, mid = _known_white_statistic(d, np.stack([y for y, _, _ in curves]))
+    inside = np.array([lo <= m <= hi for m, (_, lo, hi) in zip(mid, curves)])
+    return float(np.mean((stat > crit) & inside))
+
+
+def known_location_power(s, amp_over_sigma, width_frac, n, seed=0, level=ALPHA) -> float:
+    """The power of a one-sided z-test that also knows the sigmoid's midpoint and width: its
+    noncentrality is the part of the noiseless sigmoid that the best smooth H0 curve leaves over."""
+    d, rng = _design(tuple(s.tolist())), np.random.default_rng(seed)
+    z, out = NormalDist(), []
+    for _ in range(n):
+        clean = rise_curve(rng, s, amp_over_sigma, width_frac, sigma=1.0, noisy=False)[0]
+        resid = float(clean @ clean) - np.sum((d.q0[0] @ clean).reshape(-1, d.p0) ** 2, axis=-1).max()
+        out.append(z.cdf(math.sqrt(max(resid, 0.0)) - z.inv_cdf(1.0 - level)))
+    return float(np.mean(out))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=40, help="curves per family")
     ap.add_argument("--spacing", nargs="+", default=list(SPACINGS), choices=list(SPACINGS))
+    ap.add_argument("--ceiling-only", action="store_true", help="print only the known-white-noise ceiling")
     args = ap.parse_args()
     se = lambda p: math.sqrt(max(p * (1 - p), 1e-12) / args.n)  # noqa: E731
     head = " | ".join(f"rate at p <= {a:g} (± se)" for a in LEVELS)
-    for name in args.spacing:
+    for name in args.spacing if not args.ceiling_only else ():
         s = spacing(name)
         print(f"\n{name}: {len(s)} checkpoints, steps 0..{s[-1]:.0f}, {args.n} curves per row\n")
         print(f"| curves | sigma | {head} |\n|---|---|" + "---|" * len(LEVELS))
@@ -130,6 +180,14 @@ def main() -> None:
             p = run()
             rates = " | ".join(f"{np.mean(p <= a):.3f} ± {se(np.mean(p <= a)):.3f}" for a in LEVELS)
             print(f"| {label} | {sigma:g} | {rates} |  ({time.perf_counter() - t:.0f} s)", flush=True)
+    print(f"\nceilings at p <= {ALPHA:g} (2,000 curves per cell): the test that knows the noise is white; "
+          "the one that also knows where the sigmoid is\n")
+    print("| phase change | " + " | ".join(f"{n}: white known | {n}: location known" for n in args.spacing)
+          + " |\n|---|" + "---|---|" * len(args.spacing))
+    for k, w in RISES:
+        cells = " | ".join(f"{ceiling_power(spacing(name), k, w, 2000):.3f} | "
+                           f"{known_location_power(spacing(name), k, w, 2000):.3f}" for name in args.spacing)
+        print(f"| {k:g} x sigma, 10-90 % over {w:.0%} of the steps | {cells} |", flush=True)
 
 if __name__ == "__main__":
     main()
