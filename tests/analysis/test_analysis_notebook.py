@@ -5,7 +5,7 @@ import shutil
 import pandas as pd
 import pytest
 import torch
-from analysis_helpers import DATA, FAST, cfg_for, make_run
+from analysis_helpers import DATA, FAST, FAST_WINDOWS, cfg_for, make_run
 
 from induction_dynamics.analysis import analyze_checkpoint, load_results
 from induction_dynamics.analysis.driver import analyze
@@ -31,7 +31,8 @@ def sweep(tmp_path_factory):
 def test_rows_equal_the_sweeps_and_no_file_is_written(sweep, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     before = files_under(sweep, tmp_path)
-    rows = {s: analyze_checkpoint(history_path(sweep / "seed1", s)) for s in (0, 8)}
+    windows = [f"suite.text_windows={FAST_WINDOWS}"]  # as the sweep below (FAST)
+    rows = {s: analyze_checkpoint(history_path(sweep / "seed1", s), overrides=windows) for s in (0, 8)}
     fast = analyze_checkpoint(history_path(sweep / "seed1", 8), suite="fast", overrides=["seed=7"])
     assert files_under(sweep, tmp_path) == before  # nothing written, nothing touched
 

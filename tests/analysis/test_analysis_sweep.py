@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from analysis_helpers import FAST, cfg_for, make_run, run_entry
+from analysis_helpers import FAST, FAST_WINDOWS, cfg_for, make_run, run_entry
 
 import induction_dynamics.analysis.config  # noqa: F401  (registers the schema)
 from induction_dynamics.analysis import registry
@@ -96,7 +96,7 @@ def test_table_has_every_metric_checkpoint_and_head(analysed):
         assert (root / run / "analysis" / "results.csv").is_file()
         tokens = pd.read_parquet(root / run / "analysis" / "token_losses.parquet")
         assert list(tokens["step"]) == [0, 4, 8, 12] and tokens.filter(like="tok_").shape[1] == \
-            AnalyzeConfig().suite.text_windows * 31  # every window's 31 predicted tokens
+            FAST_WINDOWS * 31  # every window's 31 predicted tokens
         info = json.loads((root / run / "analysis" / "run_info.json").read_text())
         assert info["prompts"]["icl_late"] > info["prompts"]["icl_early"] >= 0
         logged = json.loads((root / run / "analysis" / "errors.json").read_text())
