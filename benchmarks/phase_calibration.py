@@ -23,7 +23,7 @@ width 10 % or 20 % of the step range, white noise; found when detected with its 
 the true 10-90 % window. Rates at the detector's threshold (``phase.ALPHA``) and at 0.05. Prints
 the table of docs/phase_change.md. Run it alone (~30 min at --n 40 on one core).
 
-Then two reference tests that keep the detector's smooth H0 (``--ceiling-only`` prints them
+Then two reference tests that keep the detector's smooth H0 (``--reference-only`` prints them
 alone, in ~1 min): "white known", the same likelihood ratio and logistic grid told that the noise
 is white with a known sd (so it need not guard against walks or AR(1) noise), thresholded at the
 ``ALPHA`` quantile of its statistic on simulated flat and saturating (50x the noise) nulls; and
@@ -125,21 +125,20 @@ def power(s, amp_over_sigma, width_frac, n, seed=0, level=ALPHA) -> float:
     return float(np.mean(rise_p_values(s, amp_over_sigma, width_frac, n, seed) <= level))
 
 
-def _known_white_statistic(d, y: np.ndarray) -> np.ndarray:
+def _white(d) -> int:
+    return [name for name, _ in d.noise].index("white")
+
+
+def _known_white_statistic(d, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """RSS(H0) - RSS(H1, rise) of a batch (B, n) in units of the known noise variance, and each
     curve's H1 midpoint step."""
-    b = y.shape[0]
-    zz = np.einsum("bn,bn->b", y, y)[:, None]
-    rss0 = (zz - np.sum((y @ d.q0[0].T).reshape(b, -1, d.p0) ** 2, axis=-1)).min(axis=1)
-    c1 = (y @ d.q1[0].T).reshape(b, -1, d.p0 + 1)
-    jump = c1[..., -1]
-    rss1 = zz - np.sum(c1[..., :-1] ** 2, axis=-1) - np.where(jump * d.r1[0] > 0, jump ** 2, 0.0)
-    g = rss1.argmin(axis=1)
+    rss0, rss1 = d.rss(y, _white(d))
+    g = rss1["rise"].argmin(axis=1)
     mid_step = np.expm1(d.x0 + np.array([d.grid[i][1] for i in g]) * d.span)
-    return rss0 - rss1[np.arange(b), g], mid_step
+    return rss0.min(axis=1) - rss1["rise"][np.arange(len(y)), g], mid_step
 
 
-def ceiling_power(s, amp_over_sigma, width_frac, n, seed=0, level=ALPHA, n_null=4000) -> float:
+def white_known_power(s, amp_over_sigma, width_frac, n, seed=0, level=ALPHA, n_null=4000) -> float:
     """The power of the "white known" test (module docstring), midpoint inside the true window."""
     d, rng = _design(tuple(s.tolist())), np.random.default_rng(seed)
     crit = max(np.quantile(_known_white_statistic(d, np.stack(  # in units of the noise sd
@@ -159,7 +158,7 @@ def known_location_power(s, amp_over_sigma, width_frac, n, seed=0, level=ALPHA) 
     z, out = NormalDist(), []
     for _ in range(n):
         clean = rise_curve(rng, s, amp_over_sigma, width_frac, sigma=1.0, noisy=False)[0]
-        resid = float(clean @ clean) - np.sum((d.q0[0] @ clean).reshape(-1, d.p0) ** 2, axis=-1).max()
+        resid = float(d.rss(clean[None], _white(d))[0].min())
         out.append(z.cdf(math.sqrt(max(resid, 0.0)) - z.inv_cdf(1.0 - level)))
     return float(np.mean(out))
 
@@ -168,11 +167,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=40, help="curves per family")
     ap.add_argument("--spacing", nargs="+", default=list(SPACINGS), choices=list(SPACINGS))
-    ap.add_argument("--ceiling-only", action="store_true", help="print only the two reference tests")
+    ap.add_argument("--reference-only", action="store_true", help="print only the two reference tests")
     args = ap.parse_args()
     se = lambda p: math.sqrt(max(p * (1 - p), 1e-12) / args.n)  # noqa: E731
     head = " | ".join(f"rate at p <= {a:g} (± se)" for a in LEVELS)
-    for name in args.spacing if not args.ceiling_only else ():
+    for name in args.spacing if not args.reference_only else ():
         s = spacing(name)
         print(f"\n{name}: {len(s)} checkpoints, steps 0..{s[-1]:.0f}, {args.n} curves per row\n")
         print(f"| curves | sigma | {head} |\n|---|---|" + "---|" * len(LEVELS))
@@ -189,7 +188,7 @@ def main() -> None:
     print("| phase change | " + " | ".join(f"{n}: white known | {n}: location known" for n in args.spacing)
           + " |\n|---|" + "---|---|" * len(args.spacing))
     for k, w in RISES:
-        cells = " | ".join(f"{ceiling_power(spacing(name), k, w, 2000):.3f} | "
+        cells = " | ".join(f"{white_known_power(spacing(name), k, w, 2000):.3f} | "
                            f"{known_location_power(spacing(name), k, w, 2000):.3f}" for name in args.spacing)
         print(f"| {k:g} x sigma, 10-90 % over {w:.0%} of the steps | {cells} |", flush=True)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from analysis_helpers import run_entry
+from analysis_helpers import FAST_WINDOWS, run_entry
 from hydra import compose, initialize_config_dir
 from train_helpers import CONF, TINY, compose_cfg
 
@@ -210,7 +210,7 @@ def test_nanogpt_gpt2_folder_pads_the_vocabulary_and_prompts_only_used_tokens(tm
     ckpt = load_checkpoint(history_path(run, 20))
     assert ckpt["model_args"]["vocab_size"] == 50304 and ckpt["vocab"] is None
     assert tokenizer_from_checkpoint(ckpt).vocab_size == 50257
-    res = analyse(run, "suite.text_windows=64")  # the padded 50,304-token unembedding at 2,048 windows takes minutes
+    res = analyse(run, f"suite.text_windows={FAST_WINDOWS}")  # the padded 50,304-token unembedding at 2,048 windows takes minutes
     allowed = set(range(50304))
     info = res["results"][0].record.prompts
     used = set(np.unique(train_ids).tolist())

@@ -142,21 +142,27 @@ class _Design:
             return (np.where(better, ll, best[0]), np.where(better, j, best[1]), np.where(better, g, best[2]))
 
         for j in range(len(self.noise)):
-            z = y @ self.whiten[j].T
-            zz = np.einsum("bn,bn->b", z, z)[:, None]
             const = -0.5 * self.logdet[j]
-            rss0 = zz - np.sum((y @ self.q0[j].T).reshape(b, -1, self.p0) ** 2, axis=-1)
+            rss0, rss1 = self.rss(y, j)
             g0 = rss0.argmin(axis=1)
             best0 = keep(best0, -0.5 * n * np.log(np.maximum(rss0[rows, g0], 1e-300)) + const, j, g0)
-            c1 = (y @ self.q1[j].T).reshape(b, -1, self.p0 + 1)
-            base = zz - np.sum(c1[..., :-1] ** 2, axis=-1)
-            jump = c1[..., -1]
-            sign = np.sign(jump * self.r1[j])
-            for d, s in zip(DIRECTIONS, (1.0, -1.0)):
-                rss1 = base - np.where(sign == s, jump ** 2, 0.0)
-                g1 = rss1.argmin(axis=1)
-                best1[d] = keep(best1[d], -0.5 * n * np.log(np.maximum(rss1[rows, g1], 1e-300)) + const, j, g1)
+            for d in DIRECTIONS:
+                g1 = rss1[d].argmin(axis=1)
+                best1[d] = keep(best1[d], -0.5 * n * np.log(np.maximum(rss1[d][rows, g1], 1e-300)) + const, j, g1)
         return best0, best1
+
+    def rss(self, y: np.ndarray, j: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Whitened residual sums of squares of a batch (B, n) under noise model ``j``: H0's per
+        shape (B, S) and each sign's H1 per grid point (B, G), the amplitude's sign constrained."""
+        b = y.shape[0]
+        z = y @ self.whiten[j].T
+        zz = np.einsum("bn,bn->b", z, z)[:, None]
+        rss0 = zz - np.sum((y @ self.q0[j].T).reshape(b, -1, self.p0) ** 2, axis=-1)
+        c1 = (y @ self.q1[j].T).reshape(b, -1, self.p0 + 1)
+        base = zz - np.sum(c1[..., :-1] ** 2, axis=-1)
+        jump = c1[..., -1]
+        sign = np.sign(jump * self.r1[j])
+        return rss0, {d: base - np.where(sign == s, jump ** 2, 0.0) for d, s in zip(DIRECTIONS, (1.0, -1.0))}
 
     def fit(self, y: np.ndarray, j: int, X: np.ndarray) -> tuple[np.ndarray, float]:
         """GLS coefficients of ``y`` on ``X`` under noise model ``j`` and the noise scale s."""
