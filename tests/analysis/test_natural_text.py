@@ -33,7 +33,7 @@ import pandas as pd
 import pytest
 from train_helpers import ROOT, cli_env
 
-from induction_dynamics.analysis.phase import ALPHA, default_min_change, noise_level
+from induction_dynamics.analysis.phase import ALPHA, min_change_of, noise_level
 
 pytestmark = pytest.mark.slow
 
@@ -102,7 +102,7 @@ def test_an_induction_head_forms_and_the_detector_reports_its_test(runs):
         assert not row["detected"] and f"p={row['p_value']:.3g} > {ALPHA:g}" in row["reason"], row.to_dict()
     else:
         steps = c.index.tolist()
-        assert row["detected"] == (row["amp"] >= default_min_change("induction_score_max")), row.to_dict()
+        assert row["detected"] == (row["amp"] >= min_change_of("induction_score_max")), row.to_dict()
         assert not row["detected"] or steps[lo] <= row["mid_step"] <= steps[hi], row.to_dict()
 
 

@@ -21,11 +21,11 @@ from induction_dynamics import run_dir as layout
 from induction_dynamics.analysis import llc_traces
 from induction_dynamics.analysis.attention import load_history
 from induction_dynamics.analysis.phase import (
-    default_min_change,
     detect_phase_change,
     format_summary,
     holm,
     loss_bump,
+    min_change_of,
     noise_level,
     summarize_across_seeds,
 )
@@ -189,14 +189,14 @@ NOISE_FRACTION = 0.5  # above this fraction of a change, a score's standard erro
 def noise_warnings(r: RunResult, phase_cfg) -> list[str]:
     """One line per phase curve of run ``r`` whose numbers are within their own noise: a curve
     whose median standard error exceeds ``NOISE_FRACTION`` of the smallest change that counts, or a
-    detected change smaller than twice the standard error of the difference across its window."""
+    detected change smaller than twice its window ends' standard errors added in quadrature."""
     out = []
     phase = r.phase.set_index("metric") if r.phase is not None and len(r.phase) else None
     for name, opts in phase_cfg.metrics.items():
         se = curve_stderr(r.table, name).dropna()
         if se.empty:
             continue
-        min_change = opts.min_change if opts.min_change is not None else default_min_change(name)
+        min_change = min_change_of(name, opts.min_change)
         med = float(se.median())
         if min_change > 0 and med > NOISE_FRACTION * min_change:
             out.append(f"{r.label}: {name}'s standard error (median {med:.3g}) is above {NOISE_FRACTION:g} of the "
@@ -205,10 +205,13 @@ def noise_warnings(r: RunResult, phase_cfg) -> list[str]:
             row = phase.loc[name]
             ends = se.reindex([se.index[np.abs(se.index - row.start_step).argmin()],
                                se.index[np.abs(se.index - row.end_step).argmin()]])
+            # the ends' errors added as if independent: every checkpoint is scored on the same
+            # windows, so the paired error of the change is smaller and this can warn too often
             noise = 2.0 * math.sqrt(float((ends ** 2).sum()))
             if abs(row.amp) < noise:
-                out.append(f"{r.label}: {name}'s change across its window ({row.amp:+.3g}) is within its own "
-                           f"noise (2 se = {noise:.3g})")
+                out.append(f"{r.label}: {name}'s change across its window ({row.amp:+.3g}) may be within its own "
+                           f"noise (2 se of two independent ends = {noise:.3g}; the checkpoints share their windows, "
+                           "so the paired error is smaller)")
     return out
 
 

@@ -100,7 +100,10 @@ def expected_direction(metric: str) -> str:
     return str(m.direction) if m is not None else "none"
 
 
-def default_min_change(metric: str) -> float:
+def min_change_of(metric: str, given: float | None = None) -> float:
+    """The smallest change of ``metric`` that counts: ``given`` when set, else the registry's (0 when unknown)."""
+    if given is not None:
+        return float(given)
     m = _declared(metric)
     return float(m.min_change) if m is not None else 0.0
 
@@ -117,7 +120,7 @@ def detect_phase_change(steps, values, metric: str = "", *, direction: str | Non
     direction = expected_direction(metric) if direction is None else str(direction)
     if direction not in (*DIRECTIONS, "none"):
         raise ValueError(f"direction must be one of rise, fall, none, got {direction!r}")
-    min_change = default_min_change(metric) if min_change is None else float(min_change)
+    min_change = min_change_of(metric, min_change)
     if not 0.0 <= skip_initial_frac < 1.0:
         raise ValueError(f"skip_initial_frac must lie in [0, 1), got {skip_initial_frac}")
     s = np.asarray(steps, dtype=float)
