@@ -51,8 +51,8 @@ from induction_dynamics.analysis import registry
 from induction_dynamics.analysis.jump_test import DIRECTIONS, MIN_POINTS, jump_test
 
 # the bootstrap p-value's threshold: at 0.02 the false-positive rate is at most 5 % on every simulated
-# null family but one at each history spacing, which reaches 10 % (docs/phase_change.md); at 0.05
-# random walks and AR(1) noise are called 10-17.5 % of the time
+# null family at both history spacings but one, AR(1) noise at the quickstart spacing (5.5 %, 200 curves
+# a family: docs/phase_change.md); at 0.05 random walks and AR(1) noise are called 11.5-14.5 % of the time
 ALPHA = 0.02
 
 
