@@ -168,8 +168,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=40, help="curves per family")
     ap.add_argument("--spacing", nargs="+", default=list(SPACINGS), choices=list(SPACINGS))
-    ap.add_argument("--reference-only", action="store_true", help="print only the two reference tests")
-    ap.add_argument("--nulls-only", action="store_true", help="only the null rows (a false-positive rate needs more "
+    only = ap.add_mutually_exclusive_group()  # together they would print nothing
+    only.add_argument("--reference-only", action="store_true", help="print only the two reference tests")
+    only.add_argument("--nulls-only", action="store_true", help="only the null rows (a false-positive rate needs more "
                     "curves than a power, and a null curve stops simulating early)")
     args = ap.parse_args()
     se = lambda p: math.sqrt(max(p * (1 - p), 1e-12) / args.n)  # noqa: E731
