@@ -35,7 +35,7 @@ from induction_dynamics.analysis.plots.attention import (
     run_attention_html,
 )
 from induction_dynamics.analysis.plots.circuit import plot_llc_traces
-from induction_dynamics.analysis.record import RunRecord
+from induction_dynamics.analysis.record import OfRun, RunRecord
 from induction_dynamics.analysis.table import (
     curve,
     curve_stderr,
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class RunResult:
+class RunResult(OfRun):
     """Everything known about one analysed run (built from the cache or the saved tables)."""
 
     record: RunRecord
@@ -61,14 +61,6 @@ class RunResult:
     plots: list = field(default_factory=list)
     attention_panels: list = field(default_factory=list)  # [(W&B key, PNG, step)] of the attention figure
     has_record: bool = True  # False: saved tables without a run_info.json (no W&B run to continue)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.record.run_dir)
-
-    @property
-    def label(self) -> str:
-        return self.record.run
 
 
 def phase_table(table: pd.DataFrame, phase_cfg, record: RunRecord | None = None,

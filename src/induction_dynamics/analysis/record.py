@@ -55,3 +55,17 @@ class RunRecord:
         if "prompts" not in known and isinstance(saved.get("probes"), dict):
             known["prompts"] = saved["probes"]
         return cls(**{**known, "run": label, "run_dir": str(run_dir)})
+
+
+class OfRun:
+    """``run_dir`` and ``label`` of a dataclass that holds a ``record`` (a run being analysed, or its result)."""
+
+    record: RunRecord
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.record.run_dir)
+
+    @property
+    def label(self) -> str:
+        return self.record.run

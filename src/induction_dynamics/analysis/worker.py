@@ -29,7 +29,7 @@ from induction_dynamics import run_dir as layout
 from induction_dynamics.analysis import cache
 from induction_dynamics.analysis.attention import write_checkpoint_patterns
 from induction_dynamics.analysis.prompts import Prompts, prompts_for, train_config_of
-from induction_dynamics.analysis.record import RunRecord, shape_key
+from induction_dynamics.analysis.record import OfRun, RunRecord, shape_key
 from induction_dynamics.analysis.suite import run_suite
 from induction_dynamics.checkpoint import load_checkpoint, model_from_checkpoint
 from induction_dynamics.data.vocab import Vocab
@@ -42,7 +42,7 @@ SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "attn
 
 
 @dataclass
-class RunContext:
+class RunContext(OfRun):
     """What the analysis of one run needs, fixed for all its checkpoints."""
 
     record: RunRecord
@@ -50,14 +50,6 @@ class RunContext:
     prompts: Prompts | None = None    # None: no checkpoint of the run could be read
     fingerprint: str = ""             # of the analysis settings + code (the cache key's second half)
     errors: list[dict] = field(default_factory=list)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.record.run_dir)
-
-    @property
-    def label(self) -> str:
-        return self.record.run
 
     def replace_errors(self, step: int, new: list[dict]) -> None:
         """This step's latest errors replace its earlier ones (a retried checkpoint)."""
