@@ -167,6 +167,13 @@ def test_bfloat16_text_forwards_move_the_text_scores_by_less_than_their_standard
     assert (moved < rows["stderr"]).all(), (moved / rows["stderr"]).max()
 
 
+def assert_same_cells(cpu: dict, gpu: dict) -> None:
+    """The same cells, and the same values to float tolerance (NaN where the CPU has NaN)."""
+    assert cpu.keys() == gpu.keys()
+    for key, (value, _) in cpu.items():
+        assert gpu[key][0] == pytest.approx(value, rel=1e-3, abs=1e-4, nan_ok=True), key
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_the_suite_on_a_gpu_gives_the_cpu_rows_and_bfloat16_stays_within_the_noise():
     """device=cuda: the same rows as the CPU to float tolerance; bfloat16 autocast of the text
@@ -175,13 +182,7 @@ def test_the_suite_on_a_gpu_gives_the_cpu_rows_and_bfloat16_stays_within_the_noi
     p = prompts(windows=256)
     cpu = by_cell(run_suite(model(), p, metrics)[0])
     gpu_model, gpu_prompts = model().cuda(), p.to("cuda")
-    gpu = by_cell(run_suite(gpu_model, gpu_prompts, metrics)[0])
-    assert cpu.keys() == gpu.keys()
-    for key, (value, stderr) in cpu.items():
-        if math.isnan(value):
-            assert math.isnan(gpu[key][0]), key
-            continue
-        assert gpu[key][0] == pytest.approx(value, rel=1e-3, abs=1e-4), key
+    assert_same_cells(cpu, by_cell(run_suite(gpu_model, gpu_prompts, metrics)[0]))
     half = by_cell(run_suite(gpu_model, gpu_prompts, TEXT, precision="bfloat16")[0])
     for key, (value, stderr) in half.items():
         if key in cpu and math.isfinite(cpu[key][1]) and cpu[key][1] > 0:
@@ -189,7 +190,4 @@ def test_the_suite_on_a_gpu_gives_the_cpu_rows_and_bfloat16_stays_within_the_noi
     some = make_prompts(SuiteConfig(text_windows=16, patching_heads=1), vocab_size=26, block_size=T,
                         token_counts=DATA.counts, val_tokens=DATA.val, seed=5, n_layer=2, n_head=2)
     cpu_some = by_cell(run_suite(model(), some, ["patching"])[0])
-    gpu_some = by_cell(run_suite(gpu_model, some.to("cuda"), ["patching"])[0])  # some heads: the grid on the GPU
-    assert cpu_some.keys() == gpu_some.keys()
-    for key, (value, _) in cpu_some.items():
-        assert gpu_some[key][0] == pytest.approx(value, rel=1e-3, abs=1e-4, nan_ok=True), key
+    assert_same_cells(cpu_some, by_cell(run_suite(gpu_model, some.to("cuda"), ["patching"])[0]))  # some heads
