@@ -1,6 +1,7 @@
 """The phase detector's false-positive rate and power on simulated curves at the histories' spacing.
 
     OMP_NUM_THREADS=1 python benchmarks/phase_calibration.py [--n 100] [--spacing quickstart natural_text]
+        [--nulls-only | --reference-only] [--family "random walk" "AR(1)"]
 
 Every curve is sampled at the history steps of an experiment (``checkpoint.history_steps`` with
 its ``max_iters`` and ``checkpoint.every``, log schedule) and fed to ``detect_phase_change`` with
@@ -172,14 +173,20 @@ def main() -> None:
     only.add_argument("--reference-only", action="store_true", help="print only the two reference tests")
     only.add_argument("--nulls-only", action="store_true", help="only the null rows (a false-positive rate needs more "
                     "curves than a power, and a null curve stops simulating early)")
+    ap.add_argument("--family", nargs="+", choices=sorted({f for f, _ in NULLS}),
+                    help="only these null families (and no phase-change rows): more curves where a rate is close to 5 %%")
     args = ap.parse_args()
+    if args.family and args.reference_only:
+        ap.error("--family picks null rows, which --reference-only does not print")
+    args.nulls_only = args.nulls_only or args.family is not None
     se = lambda p: math.sqrt(max(p * (1 - p), 1e-12) / args.n)  # noqa: E731
     head = " | ".join(f"rate at p <= {a:g} (± se)" for a in LEVELS)
     for name in args.spacing if not args.reference_only else ():
         s = spacing(name)
         print(f"\n{name}: {len(s)} checkpoints, steps 0..{s[-1]:.0f}, {args.n} curves per row\n")
         print(f"| curves | sigma | {head} |\n|---|---|" + "---|" * len(LEVELS))
-        rows = [(f"null: {f}", sig, lambda f=f, sig=sig: p_values(s, f, sig, args.n)) for f, sig in NULLS]
+        rows = [(f"null: {f}", sig, lambda f=f, sig=sig: p_values(s, f, sig, args.n)) for f, sig in NULLS
+                if args.family is None or f in args.family]
         rows += [(f"phase change: {k:g} x sigma, 10-90 % over {w:.0%} of the steps", RISE_SIGMA,
                   lambda k=k, w=w: rise_p_values(s, k, w, args.n)) for k, w in RISES if not args.nulls_only]
         for label, sigma, run in rows:
