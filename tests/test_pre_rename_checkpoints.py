@@ -23,11 +23,14 @@ STEPS = (100, 300)
 OVERRIDES = ["seed=1234", "suite.batch_size=8", "suite.text_windows=16", "suite.patching_batch=8",
              "suite.metrics=[induction,prefix_matching,previous_token,duplicate_token,copying,ov_copying,"
              "icl,icl_repeats,token_loss,induction_loss,patching,attribution_patching,logit_lens]"]
-# Every metric but activation patching runs the same float32 operations as then and agrees to
-# ~1e-16; 1e-5 leaves room for another thread count's reduction order. Patching now runs as one
+# Every metric but the patching effects runs the same float32 operations as then and agrees to
+# ~1e-16; 1e-5 leaves room for another thread count's reduction order. The patching effects
+# (activation and attribution patching) are ratios of logit differences, normalised by the
+# clean - corrupted gap, which amplify float32 rounding: activation patching now runs as one
 # forward from a shared prefix's keys and values (summed in another order than the old separate
-# implementation) and its effects are ratios of logit differences, which amplify float32 rounding:
-# they moved by up to 1.6e-5, so they get 5e-5. A changed metric moves by far more than either.
+# implementation) and moved by up to 1.6e-5; attribution patching's backward pass moved by 1.06e-5
+# in a fresh install whose BLAS rounds differently. So they get 5e-5. A changed metric moves by
+# far more than either.
 ATOL, ATOL_PATCHING = 1e-5, 5e-5
 KEY = ["step", "metric", "layer", "head"]
 
@@ -62,7 +65,7 @@ def test_old_checkpoints_analyse_to_the_old_table(monkeypatch):
     assert missing.empty, f"metrics the old table has and today's analysis lacks:\n{missing[KEY]}"
     assert (both["tokens_seen_old"] == both["tokens_seen_new"]).all()
     excess = (both["value_old"] - both["value_new"]).abs() - both["metric"].map(
-        lambda m: ATOL_PATCHING if m.startswith("patch_") else ATOL)
+        lambda m: ATOL_PATCHING if m in PATCHING_EFFECTS else ATOL)
     worst = both.loc[excess.idxmax()]
     assert excess.max() <= 0, (f"|old - new| = {abs(worst['value_old'] - worst['value_new']):.3g} "
                                f"beyond tolerance at {worst[KEY].to_dict()}")
