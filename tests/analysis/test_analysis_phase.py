@@ -117,7 +117,7 @@ def test_calibration_at_the_quickstart_spacing_small():
 @pytest.mark.parametrize("family,sigma,most", [("saturating", 0.01, 3), ("power", 0.01, 3), ("AR(1)", 0.03, 3),
                                                ("linear", 0.01, 3), ("random walk", 0.03, 6)])
 def test_false_positive_rate_at_the_quickstart_spacing(family, sigma, most):
-    """At most 3 of 24 (a 5 % test exceeds that 3 % of the time); random walks, at 5.0 % on 200
+    """At most 3 of 24 (a 5 % test exceeds that 3 % of the time); random walks, at 6.7 % on 600
     curves (docs/phase_change.md), at most 6 of 24: a guard against the walk calibration breaking."""
     assert cal.false_positive_rate(QUICKSTART, family, sigma, n=24, seed=11) <= most / 24
 

@@ -51,8 +51,8 @@ from induction_dynamics.analysis import registry
 from induction_dynamics.analysis.jump_test import DIRECTIONS, MIN_POINTS, jump_test
 
 # the bootstrap p-value's threshold: at 0.02 the false-positive rate is at most 5 % on every simulated
-# null family at both history spacings but one, AR(1) noise at the quickstart spacing (5.5 %, 200 curves
-# a family: docs/phase_change.md); at 0.05 random walks and AR(1) noise are called 11.5-14.5 % of the time
+# null family at both history spacings but random walks, which are called 6.7 % / 7.3 % of the time
+# (600 curves: docs/phase_change.md); at 0.05 random walks and AR(1) noise are called 8.7-15.2 %
 ALPHA = 0.02
 
 
