@@ -62,7 +62,7 @@ class PhaseConfig:
         "induction_score_max": PhaseMetric(),
         "icl_score": PhaseMetric(None, 0.15),
         "icl_score_repeats": PhaseMetric(None, 0.15)})
-    alpha: float = 0.02               # p-value threshold (<= 5 % false positives on simulated nulls, walks 7 %: docs/phase_change.md)
+    alpha: float = 0.02               # p-value threshold (false positives <= 5 %, walks 7 %: docs/phase_change.md)
     n_sim: int = 500                  # bootstrap curves per test (at most; fewer when p is large)
     loss_metric: str = "text_loss"    # the loss curve checked for a bump inside the window
     bump_snr: float = 2.0             # a bump counts above this many x the loss's own jitter
